@@ -1,0 +1,269 @@
+"""HF directories of `MistralForCausalLM` / `MixtralForCausalLM` in and out, through safetensors only.
+
+Loading is lazy per shard: the model is built on the meta device and each tensor is read from its shard straight
+into its final dtype, so peak host memory stays near one copy of the model (plus one tensor). Mixtral's
+per-expert tensors (`experts.{e}.w1/w3/w2`) are written into slices of our stacked parameters as they arrive.
+Saving writes into a temporary sibling directory and renames it into place: a crash leaves either the old
+directory or none, never a half-written one that looks complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from model.model import ModelArgs, MoEArgs, Transformer
+
+SUPPORTED = {"mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM"}
+
+# (our name, HF name) for every non-expert tensor of layer {i}; experts are handled by _EXPERT_RE.
+_LAYER_MAP = [
+    ("layers.{i}.attention.wq.weight", "model.layers.{i}.self_attn.q_proj.weight"),
+    ("layers.{i}.attention.wk.weight", "model.layers.{i}.self_attn.k_proj.weight"),
+    ("layers.{i}.attention.wv.weight", "model.layers.{i}.self_attn.v_proj.weight"),
+    ("layers.{i}.attention.wo.weight", "model.layers.{i}.self_attn.o_proj.weight"),
+    ("layers.{i}.attention_norm.weight", "model.layers.{i}.input_layernorm.weight"),
+    ("layers.{i}.ffn_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
+]
+_DENSE_FFN_MAP = [
+    ("layers.{i}.feed_forward.w1.weight", "model.layers.{i}.mlp.gate_proj.weight"),
+    ("layers.{i}.feed_forward.w2.weight", "model.layers.{i}.mlp.down_proj.weight"),
+    ("layers.{i}.feed_forward.w3.weight", "model.layers.{i}.mlp.up_proj.weight"),
+]
+_GLOBAL_MAP = [
+    ("tok_embeddings.weight", "model.embed_tokens.weight"),
+    ("norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+]
+_EXPERT_RE = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight")
+
+
+def args_from_config(cfg: dict, where: str = "config.json") -> ModelArgs:
+    model_type = cfg.get("model_type")
+    if model_type not in SUPPORTED:
+        raise ValueError(f"{where}: model_type={model_type!r} is not supported; this trainer reads "
+                         f"{sorted(SUPPORTED)} (MistralForCausalLM / MixtralForCausalLM) checkpoints")
+    if cfg.get("tie_word_embeddings"):
+        raise ValueError(f"{where}: tie_word_embeddings=true is not supported (Mistral/Mixtral have an untied "
+                         "LM head); set it to false and provide lm_head.weight")
+    rope = cfg.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"{where}: rope_type={rope['rope_type']!r} is not supported; only default RoPE")
+    n_heads = cfg["num_attention_heads"]
+    moe = None
+    if model_type == "mixtral":
+        moe = MoEArgs(num_experts=cfg["num_local_experts"], num_experts_per_tok=cfg.get("num_experts_per_tok", 2),
+                      router_aux_loss_coef=cfg.get("router_aux_loss_coef", 0.02))
+    return ModelArgs(
+        dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
+        n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
+        hidden_dim=cfg["intermediate_size"], vocab_size=cfg["vocab_size"], norm_eps=cfg.get("rms_norm_eps", 1e-5),
+        rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 1e6))),
+        sliding_window=cfg.get("sliding_window"),
+        max_position_embeddings=cfg.get("max_position_embeddings", 32768),
+        bos_token_id=cfg.get("bos_token_id", 1), eos_token_id=cfg.get("eos_token_id", 2), moe=moe)
+
+
+def config_from_args(a: ModelArgs, dtype: torch.dtype) -> dict:
+    model_type = "mistral" if a.moe is None else "mixtral"
+    cfg = {
+        "architectures": [SUPPORTED[model_type]], "model_type": model_type,
+        "hidden_size": a.dim, "intermediate_size": a.hidden_dim, "num_hidden_layers": a.n_layers,
+        "num_attention_heads": a.n_heads, "num_key_value_heads": a.n_kv_heads, "head_dim": a.head_dim,
+        "vocab_size": a.vocab_size, "rms_norm_eps": a.norm_eps, "hidden_act": "silu",
+        # Both spellings: transformers 5 reads rope_parameters, 4.x reads rope_theta.
+        "rope_theta": a.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": a.rope_theta},
+        "sliding_window": a.sliding_window, "max_position_embeddings": a.max_position_embeddings,
+        "bos_token_id": a.bos_token_id, "eos_token_id": a.eos_token_id, "tie_word_embeddings": False,
+        "attention_dropout": 0.0, "initializer_range": 0.02,
+        "dtype": str(dtype).removeprefix("torch."), "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+    if a.moe is not None:
+        cfg.update(num_local_experts=a.moe.num_experts, num_experts_per_tok=a.moe.num_experts_per_tok,
+                   router_aux_loss_coef=a.moe.router_aux_loss_coef, output_router_logits=False,
+                   router_jitter_noise=0.0)
+    return cfg
+
+
+def _expected_shapes(a: ModelArgs) -> dict[str, tuple]:
+    """HF name -> shape, for every tensor the directory must hold."""
+    hd, F_ = a.head_dim, a.hidden_dim
+    shapes = {"model.embed_tokens.weight": (a.vocab_size, a.dim), "model.norm.weight": (a.dim,),
+              "lm_head.weight": (a.vocab_size, a.dim)}
+    per_layer = {"self_attn.q_proj.weight": (a.n_heads * hd, a.dim), "self_attn.k_proj.weight": (a.n_kv_heads * hd, a.dim),
+                 "self_attn.v_proj.weight": (a.n_kv_heads * hd, a.dim), "self_attn.o_proj.weight": (a.dim, a.n_heads * hd),
+                 "input_layernorm.weight": (a.dim,), "post_attention_layernorm.weight": (a.dim,)}
+    if a.moe is None:
+        per_layer.update({"mlp.gate_proj.weight": (F_, a.dim), "mlp.up_proj.weight": (F_, a.dim),
+                          "mlp.down_proj.weight": (a.dim, F_)})
+    else:
+        per_layer["block_sparse_moe.gate.weight"] = (a.moe.num_experts, a.dim)
+        for e in range(a.moe.num_experts):
+            per_layer.update({f"block_sparse_moe.experts.{e}.w1.weight": (F_, a.dim),
+                              f"block_sparse_moe.experts.{e}.w3.weight": (F_, a.dim),
+                              f"block_sparse_moe.experts.{e}.w2.weight": (a.dim, F_)})
+    for i in range(a.n_layers):
+        shapes.update({f"model.layers.{i}.{k}": v for k, v in per_layer.items()})
+    return shapes
+
+
+def _simple_name_map(a: ModelArgs) -> dict[str, str]:
+    """HF name -> our name for every tensor that maps one to one (all but the experts)."""
+    pairs = list(_GLOBAL_MAP)
+    for i in range(a.n_layers):
+        layer = _LAYER_MAP + (_DENSE_FFN_MAP if a.moe is None else
+                              [("layers.{i}.feed_forward.gate.weight", "model.layers.{i}.block_sparse_moe.gate.weight")])
+        pairs += [(ours.format(i=i), hf.format(i=i)) for ours, hf in layer]
+    return {hf: ours for ours, hf in pairs}
+
+
+def _shard_files(path: Path) -> dict[str, Path]:
+    """HF tensor name -> the shard file that holds it (from the index, or the single model.safetensors)."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {f: path / f for f in set(weight_map.values())}
+        for f, p in files.items():
+            if not p.exists():
+                raise ValueError(f"{index} lists shard {f!r}, which is missing from {path}; copy the complete "
+                                 "checkpoint directory (all shards) again")
+        return {name: files[f] for name, f in weight_map.items()}
+    single = path / "model.safetensors"
+    if not single.exists():
+        raise ValueError(f"{path} has neither model.safetensors nor model.safetensors.index.json; point to an HF "
+                         "directory saved with safe_serialization (pickle .bin checkpoints are refused)")
+    with safe_open(single, "pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def load_hf(path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Transformer:
+    """Read an HF Mistral/Mixtral directory into our Transformer (weights cast to `dtype`, placed on `device`)."""
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise ValueError(f"{cfg_file} not found; `path` must be an HF model directory with config.json")
+    args = args_from_config(json.loads(cfg_file.read_text()), where=str(cfg_file))
+    shapes = _expected_shapes(args)
+    located = _shard_files(path)
+    unexpected = sorted(set(located) - set(shapes))
+    if unexpected:
+        raise ValueError(f"{path}: unexpected tensor(s) {unexpected[:5]} for a {args_from_config.__name__} "
+                         f"{'Mixtral' if args.moe else 'Mistral'} config; remove them or fix config.json")
+    missing = sorted(set(shapes) - set(located))
+    if missing:
+        raise ValueError(f"{path}: missing tensor(s) {missing[:5]} (of {len(missing)}); the checkpoint is "
+                         "incomplete or config.json describes another model")
+
+    with torch.device("meta"):
+        model = Transformer(args)
+    names = _simple_name_map(args)
+    state: dict[str, torch.Tensor] = {}
+    if args.moe is not None:
+        E, F_, D = args.moe.num_experts, args.hidden_dim, args.dim
+        for i in range(args.n_layers):
+            state[f"layers.{i}.feed_forward.w13"] = torch.empty(E, 2 * F_, D, dtype=dtype, device=device)
+            state[f"layers.{i}.feed_forward.w2"] = torch.empty(E, D, F_, dtype=dtype, device=device)
+
+    by_file: dict[Path, list[str]] = {}
+    for name, f in located.items():
+        by_file.setdefault(f, []).append(name)
+    for f, hf_names in sorted(by_file.items()):
+        with safe_open(f, "pt", device="cpu") as shard:
+            for name in hf_names:
+                t = shard.get_tensor(name)
+                if tuple(t.shape) != shapes[name]:
+                    raise ValueError(f"{f.name}: tensor {name} has shape {tuple(t.shape)} but config.json implies "
+                                     f"{shapes[name]}; config.json and the weights disagree")
+                t = t.to(device=device, dtype=dtype)
+                m = _EXPERT_RE.fullmatch(name)
+                if m is None:
+                    state[names[name]] = t
+                    continue
+                i, e, w = int(m[1]), int(m[2]), m[3]
+                if w == "w2":
+                    state[f"layers.{i}.feed_forward.w2"][e] = t
+                else:
+                    rows = slice(0, args.hidden_dim) if w == "w1" else slice(args.hidden_dim, 2 * args.hidden_dim)
+                    state[f"layers.{i}.feed_forward.w13"][e, rows] = t
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """Our parameters under HF names, experts split back into per-expert tensors (contiguous copies)."""
+    a = model.args
+    ours = {k: v.detach() for k, v in model.state_dict().items()}
+    out = {hf: ours[o].contiguous() for hf, o in _simple_name_map(a).items()}
+    if a.moe is not None:
+        for i in range(a.n_layers):
+            w13, w2 = ours[f"layers.{i}.feed_forward.w13"], ours[f"layers.{i}.feed_forward.w2"]
+            for e in range(a.moe.num_experts):
+                p = f"model.layers.{i}.block_sparse_moe.experts.{e}"
+                out[f"{p}.w1.weight"] = w13[e, :a.hidden_dim].contiguous()
+                out[f"{p}.w3.weight"] = w13[e, a.hidden_dim:].contiguous()
+                out[f"{p}.w2.weight"] = w2[e].contiguous()
+    return out
+
+
+def _parse_size(size) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", str(size).upper())
+    if not m:
+        raise ValueError(f"max_shard_size={size!r} not understood; use bytes (int) or e.g. '5GB', '200MB', '20KB'")
+    return int(float(m[1]) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[m[2]])
+
+
+def save_hf(model: Transformer, path, max_shard_size="5GB") -> Path:
+    """Write `model` as an HF directory (config.json, shards, index when sharded), atomically."""
+    path = Path(path)
+    limit = _parse_size(max_shard_size)
+    tensors = hf_state_dict(model)
+    dtype = next(iter(tensors.values())).dtype
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(tensors):  # HF's order: sorted names, a new shard once the limit would be passed
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensors[name]
+        size += nbytes
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        n = len(shards)
+        weight_map = {}
+        for j, shard in enumerate(shards):
+            fname = "model.safetensors" if n == 1 else f"model-{j + 1:05d}-of-{n:05d}.safetensors"
+            save_file(shard, tmp / fname, metadata={"format": "pt"})
+            weight_map.update({k: fname for k in shard})
+        if n > 1:
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+        (tmp / "config.json").write_text(json.dumps(config_from_args(model.args, dtype), indent=2))
+        for f in tmp.iterdir():  # data on disk before the rename makes it visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
