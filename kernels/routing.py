@@ -142,16 +142,21 @@ if triton is not None:
         pid = tl.program_id(0)
         e = tl.arange(0, BLOCK_E)
         e_ok = e < E
-        # Every program reads the whole NB x E histogram (NB*E*4 bytes: 4 KiB at T=16384, E=8, BLOCK_T=128)
-        # for the expert totals and its own prefix over earlier blocks; cheaper than a third launch.
+        # Every program reads the whole NB x E histogram (NB*E*4 bytes: 4 KiB at T=16384, E=8, BLOCK_T=128, one
+        # CHUNK_B=128 step) for the expert totals and its own prefix over earlier blocks; cheaper than a third
+        # launch while NB*E is small. The reads grow as NB^2 * E over the grid: 32 MiB of L2 at T=131072, E=8.
         total_E = tl.zeros((BLOCK_E,), tl.int32)
         before_E = tl.zeros((BLOCK_E,), tl.int32)
-        for b0 in range(0, NB, CHUNK_B):
+        # A while loop, not `for b0 in range(0, NB, CHUNK_B)`: Triton 3.6's interpreter cannot take a runtime
+        # range bound under numpy >= 2.3 (int() of a 1-element array); compiled code is the same loop.
+        b0 = 0
+        while b0 < NB:
             b = b0 + tl.arange(0, CHUNK_B)
             tile = tl.load(counts_BE_ptr + b[:, None] * E + e[None, :], mask=(b < NB)[:, None] & e_ok[None, :],
                            other=0)
             total_E += tl.sum(tile, axis=0)
             before_E += tl.sum(tl.where((b < pid)[:, None], tile, 0), axis=0)
+            b0 += CHUNK_B
         incl_E = tl.cumsum(total_E, axis=0)
         # Program 0 alone writes the totals: pid * E + e < E holds only there (a vector mask, not a branch).
         first_E = pid * E + e < E
@@ -204,12 +209,15 @@ if triton is not None:
 
 # ----------------------------------------------------------------------------------------------- launchers
 
-def _block_sizes(E: int) -> tuple[int, int]:
-    # A [BLOCK_T, BLOCK_E] fp32 tile of at most 4096 values (32 per thread at 4 warps) keeps the K-round
-    # argmax in registers; 128 tokens per program gives 128 programs at T=16384, about one per H100/H200 SM.
+def _block_sizes(E: int) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_E, num_warps). About 8 tile values per thread: the K-round argmax and the backward then
+    stay in registers (ptxas sm_90, Triton 3.6: 40 / 45 / 70 registers for the three kernels at E=8, 1024-value
+    tiles, 4 warps; at 32 values per thread the backward spilled). 128 tokens per program gives 128 programs at
+    T=16384, E=8: about one per H100/H200 SM."""
     BLOCK_E = triton.next_power_of_2(E)
-    BLOCK_T = max(16, min(128, 4096 // BLOCK_E))
-    return BLOCK_T, BLOCK_E
+    BLOCK_T = max(8, min(128, 2048 // BLOCK_E))
+    num_warps = min(16, max(4, BLOCK_T * BLOCK_E // 256))
+    return BLOCK_T, BLOCK_E, num_warps
 
 
 def _on_device(x: Tensor):
@@ -225,7 +233,7 @@ def route_topk_fwd(router_logits_TE: Tensor, k: int) -> tuple[Tensor, ...]:
     T, E = router_logits_TE.shape
     M = T * k
     dev = router_logits_TE.device
-    BLOCK_T, BLOCK_E = _block_sizes(E)
+    BLOCK_T, BLOCK_E, num_warps = _block_sizes(E)
     NB = max(1, triton.cdiv(T, BLOCK_T))  # T = 0 still launches one (fully masked) program
     probs_TE = torch.empty(T, E, dtype=torch.float32, device=dev)
     weights_TK = torch.empty(T, k, dtype=torch.float32, device=dev)
@@ -238,9 +246,10 @@ def route_topk_fwd(router_logits_TE: Tensor, k: int) -> tuple[Tensor, ...]:
     with _on_device(router_logits_TE):
         _route_topk_kernel[(NB,)](router_logits_TE, router_logits_TE.stride(0), router_logits_TE.stride(1),
                                   probs_TE, weights_TK, ids_TK, counts_BE, T, E,
-                                  K=k, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, num_warps=4)
+                                  K=k, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, num_warps=num_warps)
         _route_metadata_kernel[(NB,)](ids_TK, counts_BE, counts_E, offsets_E1, order_M, inverse_M, T, E, NB,
-                                      K=k, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, CHUNK_B=64, num_warps=4)
+                                      K=k, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, CHUNK_B=max(4, 1024 // BLOCK_E),
+                                      num_warps=num_warps)
     return weights_TK, ids_TK, probs_TE, counts_E, offsets_E1, order_M, inverse_M
 
 
@@ -249,12 +258,12 @@ def route_topk_bwd(probs_TE: Tensor, dprobs_TE: Tensor, weights_TK: Tensor, dwei
     """One launch: d(router logits) [T, E] in `logits_dtype` from the gradients of weights_TK and probs_TE."""
     T, E = probs_TE.shape
     K = ids_TK.shape[1]
-    BLOCK_T, BLOCK_E = _block_sizes(E)
+    BLOCK_T, BLOCK_E, num_warps = _block_sizes(E)
     dlogits_TE = torch.empty(T, E, dtype=logits_dtype, device=probs_TE.device)
     with _on_device(probs_TE):
         _route_topk_bwd_kernel[(max(1, triton.cdiv(T, BLOCK_T)),)](
             probs_TE, dprobs_TE.contiguous(), weights_TK, dweights_TK.contiguous(), ids_TK, dlogits_TE, T, E,
-            K=K, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, num_warps=4)
+            K=K, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, num_warps=num_warps)
     return dlogits_TE
 
 
@@ -265,7 +274,7 @@ class RouteTopKFunction(torch.autograd.Function):
         weights_TK, ids_TK, probs_TE = outs[:3]
         ctx.save_for_backward(probs_TE, weights_TK, ids_TK)
         ctx.logits_dtype = router_logits_TE.dtype
-        ctx.mark_non_differentiable(*outs[1:2], *outs[3:])
+        ctx.mark_non_differentiable(ids_TK, *outs[3:])  # ids and the metadata are integers
         return outs
 
     @staticmethod

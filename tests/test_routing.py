@@ -179,11 +179,11 @@ def test_ties_lower_expert_first(E, k):
 
 
 def test_odd_layouts_and_many_blocks():
-    # A strided (non-contiguous) input, a non-power-of-two E, bf16 input; and more token blocks than the
-    # metadata kernel reads per loop step (E=256 -> 16 tokens per block, 1100 tokens -> 69 blocks > 64).
+    # A strided (non-contiguous) input, a non-power-of-two E, bf16 input; and many loop steps in the metadata
+    # kernel's histogram scan (E=256 -> 8 tokens per block and 4 blocks per step: 600 tokens -> 19 steps).
     for logits_TE, k in [(_distinct_logits(9, 21, torch.float32, seed=4)[:, ::3], 3),
                          (_distinct_logits(50, 6, torch.bfloat16, seed=5), 2),
-                         (_distinct_logits(1100, 256, torch.float32, seed=6), 2)]:
+                         (_distinct_logits(600, 256, torch.float32, seed=6), 2)]:
         T, E = logits_TE.shape
         r = route_topk(logits_TE, k)
         _check_metadata(r, T, E, k)
