@@ -62,7 +62,10 @@ import torch
 IGNORE = -100               # label of positions without loss (prompt, padding, last token of a document)
 PAD_DOC_ID = -1             # doc id of padding tokens
 DEFAULT_TEACHER = "reference"
-_FORMAT_VERSION = "data-v1"  # bump when tokenisation or packing semantics change (invalidates caches)
+_FORMAT_VERSION = "data-v1"  # bump when packing semantics change (saved PackedDatasets of older versions refuse)
+# Tokenisation caches are keyed on this file's bytes, so any edit here invalidates them instead of serving
+# stale labels; a few extra minutes of re-tokenising beat a silently wrong mask.
+_CODE_HASH = hashlib.blake2b(Path(__file__).read_bytes(), digest_size=8).hexdigest()
 
 # The Mistral instruct format. The system text is folded into the first user turn ("system\n\nuser"), as
 # Mistral's own templates do; the answer is preceded by one space, and every answer ends with `</s>`.
@@ -106,18 +109,20 @@ def _row_features(**extra):
     })
 
 
-def _schema_of(columns: Sequence[str], source: str) -> str:
-    if "messages" in columns:
-        return "messages"
-    if "conversations" in columns:
-        return "conversations"
-    if "prompt" in columns and "response" in columns:
-        return "prompt_response"
-    raise ValueError(f"{source}: no known columns (found {sorted(columns)}); fix: give each row {_SCHEMAS}")
+def _schemas_of(columns: Sequence[str], source: str) -> list[str]:
+    """The row schemas this file's columns allow, in order of preference (a row uses the first it fills)."""
+    found = [name for name, needs in (("messages", ("messages",)), ("conversations", ("conversations",)),
+                                      ("prompt_response", ("prompt", "response")))
+             if all(c in columns for c in needs)]
+    if not found:
+        raise ValueError(f"{source}: no known columns (found {sorted(columns)}); fix: give each row {_SCHEMAS}")
+    return found
 
 
-def _normalise_row(row: dict, schema: str, where: str, teacher_names) -> tuple[list, str, str, bool]:
+def _normalise_row(row: dict, schemas: list, where: str, teacher_names) -> tuple[list, str, str, bool]:
     """One raw row -> (messages, teacher, family, skip). Raises ValueError with `where` (file: row n)."""
+    schema = next((s for s in schemas if row.get("prompt" if s == "prompt_response" else s) is not None),
+                  schemas[0])
     if schema == "prompt_response":
         prompt, response = row.get("prompt"), row.get("response")
         if not isinstance(prompt, str) or not isinstance(response, (str, type(None))):
@@ -185,12 +190,12 @@ def _check_turn_order(messages: list, where: str) -> None:
                          f"the trailing user turn")
 
 
-def _normalise_batch(batch: dict, indices: list, *, schema: str, source: str, teacher_names) -> dict:
+def _normalise_batch(batch: dict, indices: list, *, schemas: list, source: str, teacher_names) -> dict:
     out = {"messages": [], "teacher": [], "family": [], "_skip": []}
     keys = list(batch)
     for j, index in enumerate(indices):
         row = {k: batch[k][j] for k in keys}
-        messages, teacher, family, skip = _normalise_row(row, schema, f"{source}: row {index + 1}", teacher_names)
+        messages, teacher, family, skip = _normalise_row(row, schemas, f"{source}: row {index + 1}", teacher_names)
         out["messages"].append(messages)
         out["teacher"].append(teacher)
         out["family"].append(family)
@@ -240,13 +245,14 @@ def load_rows(paths_or_dataset, teacher_names: Sequence[str] | None = None, cach
             sources.append((str(path), _load_one(path, cache_dir)))
     parts = []
     for source, ds in sources:
-        schema = _schema_of(ds.column_names, source)
+        schemas = _schemas_of(ds.column_names, source)
+        names = None if teacher_names is None else list(teacher_names)
+        fingerprint = hashlib.blake2b(f"{ds._fingerprint}|{schemas}|{source}|{names}|{_CODE_HASH}".encode(),
+                                      digest_size=8).hexdigest()
         normalised = ds.map(
             _normalise_batch, batched=True, with_indices=True, remove_columns=ds.column_names,
-            features=_row_features(_skip=datasets.Value("bool")),
-            fn_kwargs=dict(schema=schema, source=source,
-                           teacher_names=None if teacher_names is None else list(teacher_names)),
-            desc=f"checking {Path(source).name}")
+            features=_row_features(_skip=datasets.Value("bool")), new_fingerprint=fingerprint,
+            fn_kwargs=dict(schemas=schemas, source=source, teacher_names=names), desc=f"checking {Path(source).name}")
         skip = np.asarray(normalised["_skip"], dtype=bool)
         if skip.any():
             first = int(np.flatnonzero(skip)[0]) + 1
@@ -439,7 +445,7 @@ def tokenize_rows(ds, tokenizer, max_seq_len: int, num_proc: int | None = None, 
     if num_proc is None:
         num_proc = 1 if len(ds) < 20_000 else max(1, min(8, os.cpu_count() or 1))
     fingerprint = hashlib.blake2b(
-        f"{ds._fingerprint}|{_tokenizer_hash(tokenizer)}|{max_seq_len}|{_FORMAT_VERSION}".encode(),
+        f"{ds._fingerprint}|{_tokenizer_hash(tokenizer)}|{max_seq_len}|{_FORMAT_VERSION}|{_CODE_HASH}".encode(),
         digest_size=8).hexdigest()
     cache_file = None
     if cache_dir is not None:
