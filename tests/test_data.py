@@ -136,7 +136,8 @@ def test_encode_prompt_is_training_prefix(tok):
     ids, labels = D.tokenize_chat(TWO_TURN, tok)
     prompt = D.encode_prompt(TWO_TURN, tok)
     assert ids[:len(prompt)] == prompt
-    assert labels[len(prompt) - 1] != -100 and all(l == -100 for l in labels[len(ids[:len(prompt)]) - 3:len(prompt) - 1])
+    assert labels[len(prompt) - 1] == ids[len(prompt)], "the last prompt token predicts the answer's first token"
+    assert labels[len(prompt) - 2] == -100
     assert tok.decode(ids[len(prompt):]) == " 12</s>"
     messages, answer = D.split_for_eval(TWO_TURN)
     assert answer == "12" and D.encode_prompt(messages, tok) == prompt
@@ -455,3 +456,20 @@ def test_tokenizer_deterministic_and_loadable(corpus, tok_dir, tok, tmp_path):
     text = "Sort ascending: 7, 2, 9"
     assert tok.decode(_enc(tok, text)) == text
     assert DD.check_answer(" 42\n", "42") and not DD.check_answer("4 2", "42")
+
+
+def test_tokenize_rows_parallel_matches_serial(tokenized, tok, tmp_path):
+    """num_proc > 1 (the default on large data) pickles the tokenizer into workers; same rows come back."""
+    rows, tds = tokenized
+    small = rows.select(range(60))
+    parallel = D.tokenize_rows(small, tok, max_seq_len=128, num_proc=2, cache_dir=str(tmp_path))
+    assert parallel["input_ids"] == tds["input_ids"][:60] and parallel["labels"] == tds["labels"][:60]
+
+
+def test_prepare_packed_caches(corpus, tok, tmp_path):
+    names = ["reference", "domain"]
+    first = D.prepare_packed(corpus["eval"], tok, seq_len=64, teacher_names=names, cache_dir=str(tmp_path), num_proc=1)
+    assert first.pad_id == tok.eos_token_id and first.stats["docs"] == 100
+    assert len(list(tmp_path.glob("packed-*"))) == 1
+    again = D.prepare_packed(corpus["eval"], tok, seq_len=64, teacher_names=names, cache_dir=str(tmp_path), num_proc=1)
+    assert again.fingerprint == first.fingerprint and isinstance(again.tokens, np.memmap)

@@ -31,6 +31,9 @@ Public API (stable; the trainer, teacher store, demo and eval code against these
     PackedDataset: tokens, labels, positions, doc_ids ([S, L] numpy), teacher ([S], index into teacher_names),
         teacher_names, seq_len, pad_id, stats (dict), fingerprint (str); len(); .batch(indices) -> PackedBatch;
         .save(dir); PackedDataset.load(dir, mmap=True, verify=False). No pickle anywhere (npy + JSON).
+    prepare_packed(paths_or_dataset, tokenizer, seq_len, teacher_names=None, cache_dir=None, num_proc=None,
+                   pad_id=None) -> PackedDataset
+        The three stages above in one call, the packed result cached (npy + JSON) under cache_dir.
     PackedBatch: tokens_BT, labels_BT, positions_BT, doc_ids_BT, teacher_B, sample_idx_B (torch int64);
         .to(device, non_blocking=False), .pin_memory().
     Sampler(packed, batch_size, rank=0, world_size=1, seed=0, domain_fraction=None, domain_teacher="domain")
@@ -40,7 +43,10 @@ Public API (stable; the trainer, teacher store, demo and eval code against these
     sequential_batches(packed, batch_size, rank=0, world_size=1) -> Iterator[PackedBatch]
         Every sequence exactly once, in index order, sequence i on rank i % world_size (for capturing a store).
 
-Conventions of the packed arrays (dimension names: S packed sequences, L = T = seq_len tokens):
+Dimension names: S packed sequences, L = T = seq_len tokens per sequence, R documents (rows of the tokenized
+dataset), P their tokens laid end to end, G = batch_size * world_size sequences of one global batch.
+
+Conventions of the packed arrays:
     labels[s, t] != -100  =>  labels[s, t] == tokens[s, t+1] and doc_ids[s, t] == doc_ids[s, t+1]
     positions restart at 0 for every document; doc_ids is the document's row index in the tokenized dataset;
     padding: token pad_id (an existing id: the vocabulary is never resized), label -100, doc id -1,
@@ -279,7 +285,10 @@ def split_for_eval(messages: list) -> tuple[list, str]:
 
 
 def _template_of(tokenizer) -> str:
-    return getattr(tokenizer, "chat_template", None) or MISTRAL_CHAT_TEMPLATE
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # named templates (e.g. "default", "tool_use"): training uses the default
+        template = template.get("default")
+    return template or MISTRAL_CHAT_TEMPLATE
 
 
 def _render(messages: list, tokenizer, template: str, generation_prompt: bool = False) -> str:
@@ -317,8 +326,9 @@ def _needs_fold(tokenizer, template: str) -> bool:
 
     Some templates (e.g. Mistral v0.3) place the system text in the LAST user turn, or drop it from a
     conversation that ends in an answer, or reject the system role; their renders of a conversation's
-    prefixes are then not prefixes of the whole. Folding the system text into the first user turn ourselves
-    (what the Mistral format asks for) makes them consistent. Decided once per template, on a probe chat.
+    prefixes are then not prefixes of the whole, or lose the system text. Folding the system text into the
+    first user turn ourselves (what the Mistral format asks for) makes them consistent. Decided once per
+    template, on a probe chat.
     """
     key = (template, tokenizer.bos_token, tokenizer.eos_token)
     if key not in _FOLD_CACHE:
@@ -328,7 +338,8 @@ def _needs_fold(tokenizer, template: str) -> bool:
         fold = None
         for candidate in (False, True):
             try:
-                if _assistant_spans(_fold_system(probe) if candidate else probe, tokenizer, template) is not None:
+                rendered = _assistant_spans(_fold_system(probe) if candidate else probe, tokenizer, template)
+                if rendered is not None and "Sys." in rendered[0]:
                     fold = candidate
                     break
             except Exception:  # jinja raise_exception (e.g. "system role not supported"): try folding
@@ -367,9 +378,9 @@ def _labels_from_offsets(ids: list, offsets: list, spans: list) -> np.ndarray:
 
 
 def _check_tokenizer(tokenizer) -> None:
-    if not getattr(tokenizer, "is_fast", True) and not hasattr(tokenizer, "backend_tokenizer"):
-        raise ValueError(f"{type(tokenizer).__name__} is a slow tokenizer without offsets; fix: load it with "
-                         f"AutoTokenizer.from_pretrained(..., use_fast=True)")
+    if not getattr(tokenizer, "is_fast", False):  # answer spans are mapped to tokens through offsets
+        raise ValueError(f"{type(tokenizer).__name__} is not a `tokenizers`-backed (fast) tokenizer, so it gives no "
+                         f"offsets; fix: load it with AutoTokenizer.from_pretrained(path, use_fast=True)")
     if tokenizer.eos_token is None or tokenizer.bos_token is None:
         raise ValueError("the tokenizer has no bos/eos token; fix: set tokenizer.bos_token and tokenizer.eos_token "
                          "(e.g. '<s>' and '</s>')")
@@ -500,28 +511,28 @@ class _CapacityIndex:
         return capacity, bin_id
 
 
-def _best_fit_decreasing(lengths_N: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray, int]:
+def _best_fit_decreasing(lengths_R: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray, int]:
     """Assign documents to sequences: (sequence of each doc, token offset of each doc in it, sequence count).
     Longest first, each into the open sequence it fills most tightly: padding is typically < 1 % where
     sequential greedy packing wastes about half a document per sequence."""
-    order = np.argsort(-lengths_N, kind="stable")  # deterministic: ties keep row order
-    seq_of_N = np.empty(len(lengths_N), dtype=np.int64)
-    offset_N = np.empty(len(lengths_N), dtype=np.int64)
+    order = np.argsort(-lengths_R, kind="stable")  # deterministic: ties keep row order
+    seq_of_R = np.empty(len(lengths_R), dtype=np.int64)
+    offset_R = np.empty(len(lengths_R), dtype=np.int64)
     used: list[int] = []
     index = _CapacityIndex(seq_len)
     for d in order.tolist():
-        n = int(lengths_N[d])
+        n = int(lengths_R[d])
         found = index.pop_at_least(n)
         if found is None:
             capacity, s = seq_len, len(used)
             used.append(0)
         else:
             capacity, s = found
-        seq_of_N[d], offset_N[d] = s, used[s]
+        seq_of_R[d], offset_R[d] = s, used[s]
         used[s] += n
         if capacity - n > 0:
             index.push(capacity - n, s)
-    return seq_of_N, offset_N, len(used)
+    return seq_of_R, offset_R, len(used)
 
 
 def _arrow_columns(ds, names):
@@ -625,6 +636,8 @@ def pack(tokenized_ds, seq_len: int, teacher_names: Sequence[str] | None = None,
     """
     if seq_len < 2:
         raise ValueError(f"seq_len={seq_len}; fix: use at least 2")
+    if pad_id < 0:
+        raise ValueError(f"pad_id={pad_id}; fix: pass an existing token id, e.g. tokenizer.eos_token_id")
     missing = {"input_ids", "labels"} - set(tokenized_ds.column_names)
     if missing:
         raise ValueError(f"pack: columns {sorted(missing)} missing (found {tokenized_ds.column_names}); fix: pass "
@@ -632,16 +645,16 @@ def pack(tokenized_ds, seq_len: int, teacher_names: Sequence[str] | None = None,
     has_teacher = "teacher" in tokenized_ds.column_names
     cols = _arrow_columns(tokenized_ds, ["input_ids", "labels"] + (["teacher"] if has_teacher else []))
     import pyarrow.compute as pc
-    lengths_N = pc.list_value_length(cols["input_ids"]).to_numpy(zero_copy_only=False).astype(np.int64)
+    lengths_R = pc.list_value_length(cols["input_ids"]).to_numpy(zero_copy_only=False).astype(np.int64)
     ids_flat = pc.list_flatten(cols["input_ids"]).to_numpy(zero_copy_only=False)
     labels_flat = pc.list_flatten(cols["labels"]).to_numpy(zero_copy_only=False)
-    names_N = np.asarray(cols["teacher"].to_pylist() if has_teacher else [DEFAULT_TEACHER] * len(lengths_N),
+    names_R = np.asarray(cols["teacher"].to_pylist() if has_teacher else [DEFAULT_TEACHER] * len(lengths_R),
                          dtype=object)
-    n_docs = len(lengths_N)
+    n_docs = len(lengths_R)
     if n_docs >= 2**31:
         raise ValueError(f"{n_docs} documents overflow int32 doc ids; fix: split the dataset")
 
-    found = sorted(set(names_N.tolist()))
+    found = sorted(set(names_R.tolist()))
     if teacher_names is None:
         teacher_names = ([DEFAULT_TEACHER] if DEFAULT_TEACHER in found else []) + [t for t in found
                                                                                   if t != DEFAULT_TEACHER]
@@ -650,33 +663,33 @@ def pack(tokenized_ds, seq_len: int, teacher_names: Sequence[str] | None = None,
     if unknown:
         raise ValueError(f"pack: rows name teachers {unknown} that are not among the run's teachers {teacher_names}; "
                          f"fix: add them to the config or relabel the rows")
-    teacher_N = np.asarray([teacher_names.index(t) for t in names_N.tolist()], dtype=np.int32).reshape(-1)
+    teacher_R = np.asarray([teacher_names.index(t) for t in names_R.tolist()], dtype=np.int32).reshape(-1)
 
     # Truncate to seq_len (head kept) and compute each kept token's source index in the flat arrays.
-    starts_N = np.zeros(n_docs, dtype=np.int64)
-    np.cumsum(lengths_N[:-1], out=starts_N[1:])
-    kept_N = np.minimum(lengths_N, seq_len)
-    truncated_N = lengths_N > seq_len
-    doc_of_tok = np.repeat(np.arange(n_docs, dtype=np.int64), kept_N)
-    kept_starts_N = np.cumsum(kept_N) - kept_N
-    within_tok = np.arange(len(doc_of_tok), dtype=np.int64) - kept_starts_N[doc_of_tok]
-    src_tok = starts_N[doc_of_tok] + within_tok
-    labels_tok = labels_flat[src_tok].astype(np.int32)
-    labels_tok[(kept_starts_N + kept_N - 1)[truncated_N]] = IGNORE  # target cut off (see tokenize_rows)
-    loss_N = np.bincount(doc_of_tok, weights=labels_tok != IGNORE, minlength=n_docs).astype(np.int64)
-    keep_N = loss_N > 0
+    starts_R = np.zeros(n_docs, dtype=np.int64)
+    np.cumsum(lengths_R[:-1], out=starts_R[1:])
+    kept_R = np.minimum(lengths_R, seq_len)
+    truncated_R = lengths_R > seq_len
+    doc_P = np.repeat(np.arange(n_docs, dtype=np.int64), kept_R)
+    kept_starts_R = np.cumsum(kept_R) - kept_R
+    within_P = np.arange(len(doc_P), dtype=np.int64) - kept_starts_R[doc_P]
+    src_P = starts_R[doc_P] + within_P
+    labels_P = labels_flat[src_P].astype(np.int32)
+    labels_P[(kept_starts_R + kept_R - 1)[truncated_R]] = IGNORE  # target cut off (see tokenize_rows)
+    loss_R = np.bincount(doc_P, weights=labels_P != IGNORE, minlength=n_docs).astype(np.int64)
+    keep_R = loss_R > 0
 
     # Each teacher's documents are packed on their own, so a sequence never mixes teachers.
-    seq_of_N = np.full(n_docs, -1, dtype=np.int64)
-    offset_N = np.zeros(n_docs, dtype=np.int64)
+    seq_of_R = np.full(n_docs, -1, dtype=np.int64)
+    offset_R = np.zeros(n_docs, dtype=np.int64)
     seq_teacher, n_seqs = [], 0
     for t in range(len(teacher_names)):
-        docs = np.flatnonzero(keep_N & (teacher_N == t))
+        docs = np.flatnonzero(keep_R & (teacher_R == t))
         if len(docs) == 0:
             continue
-        seq_local, offset_local, count = _best_fit_decreasing(kept_N[docs], seq_len)
-        seq_of_N[docs] = seq_local + n_seqs
-        offset_N[docs] = offset_local
+        seq_local, offset_local, count = _best_fit_decreasing(kept_R[docs], seq_len)
+        seq_of_R[docs] = seq_local + n_seqs
+        offset_R[docs] = offset_local
         seq_teacher += [t] * count
         n_seqs += count
 
@@ -684,28 +697,30 @@ def pack(tokenized_ds, seq_len: int, teacher_names: Sequence[str] | None = None,
     labels_SL = np.full((n_seqs, seq_len), IGNORE, dtype=np.int32)
     doc_ids_SL = np.full((n_seqs, seq_len), PAD_DOC_ID, dtype=np.int32)
     positions_SL = np.zeros((n_seqs, seq_len), dtype=np.int32)
-    placed = keep_N[doc_of_tok]
-    dest = (seq_of_N[doc_of_tok] * seq_len + offset_N[doc_of_tok] + within_tok)[placed]
-    tokens_SL.reshape(-1)[dest] = ids_flat[src_tok[placed]]
-    labels_SL.reshape(-1)[dest] = labels_tok[placed]
-    doc_ids_SL.reshape(-1)[dest] = doc_of_tok[placed]
-    positions_SL.reshape(-1)[dest] = within_tok[placed]
+    placed = keep_R[doc_P]
+    dest = (seq_of_R[doc_P] * seq_len + offset_R[doc_P] + within_P)[placed]
+    tokens_SL.reshape(-1)[dest] = ids_flat[src_P[placed]]
+    labels_SL.reshape(-1)[dest] = labels_P[placed]
+    doc_ids_SL.reshape(-1)[dest] = doc_P[placed]
+    positions_SL.reshape(-1)[dest] = within_P[placed]
     # Padding is one pseudo-document per sequence tail, positions 0, 1, ... (within max_position_embeddings).
     used_S = (doc_ids_SL != PAD_DOC_ID).sum(axis=1)
     pad_SL = doc_ids_SL == PAD_DOC_ID
     positions_SL[pad_SL] = (np.arange(seq_len)[None, :] - used_S[:, None])[pad_SL]
 
-    n_tokens = int(kept_N[keep_N].sum())
+    n_tokens = int(kept_R[keep_R].sum())
     stats = {
-        "docs": int(keep_N.sum()), "sequences": int(n_seqs), "tokens": n_tokens,
-        "loss_tokens": int(loss_N[keep_N].sum()),
-        "truncated_docs": int(truncated_N.sum()), "truncated_tokens": int((lengths_N - kept_N).sum()),
-        "dropped_docs_no_loss": int((~keep_N).sum()), "dropped_tokens": int(kept_N[~keep_N].sum()),
+        "docs": int(keep_R.sum()), "sequences": int(n_seqs), "tokens": n_tokens,
+        "loss_tokens": int(loss_R[keep_R].sum()),
+        "truncated_docs": int(truncated_R.sum()), "truncated_tokens": int((lengths_R - kept_R).sum()),
+        "dropped_docs_no_loss": int((~keep_R).sum()), "dropped_tokens": int(kept_R[~keep_R].sum()),
         "padding_fraction": float(1.0 - n_tokens / max(1, n_seqs * seq_len)),
         "sequences_per_teacher": {name: int(seq_teacher.count(t)) for t, name in enumerate(teacher_names)},
     }
-    if "truncated" in tokenized_ds.column_names:  # documents already cut at tokenize_rows' max_seq_len
-        stats["truncated_docs_at_tokenize"] = int(np.asarray(tokenized_ds["truncated"], dtype=bool).sum())
+    if "num_tokens" in tokenized_ds.column_names:  # documents already cut at tokenize_rows' max_seq_len
+        full_R = np.asarray(tokenized_ds["num_tokens"], dtype=np.int64)
+        stats["truncated_docs_at_tokenize"] = int((full_R > lengths_R).sum())
+        stats["truncated_tokens_at_tokenize"] = int((full_R - lengths_R).sum())
     if stats["truncated_docs"] or stats.get("truncated_docs_at_tokenize"):
         warnings.warn(f"pack: {stats['truncated_docs']} documents longer than seq_len={seq_len} were truncated "
                       f"({stats['truncated_tokens']} tokens cut; {stats.get('truncated_docs_at_tokenize', 0)} "
@@ -715,6 +730,35 @@ def pack(tokenized_ds, seq_len: int, teacher_names: Sequence[str] | None = None,
                       f"truncation ({stats['dropped_tokens']} tokens); fix: raise seq_len", stacklevel=2)
     return PackedDataset(tokens_SL, labels_SL, positions_SL, doc_ids_SL, np.asarray(seq_teacher, dtype=np.int32),
                          teacher_names, seq_len, pad_id, stats)
+
+
+def prepare_packed(paths_or_dataset, tokenizer, seq_len: int, teacher_names: Sequence[str] | None = None,
+                   cache_dir: str | None = None, num_proc: int | None = None, pad_id: int | None = None) -> PackedDataset:
+    """load_rows -> tokenize_rows(max_seq_len=seq_len) -> pack, in one call. With cache_dir, every stage is cached
+    there and the PackedDataset is saved under cache_dir/packed-<key> and loaded (memory-mapped) next time.
+    pad_id defaults to the tokenizer's pad token, else its eos token (both existing ids).
+    Under torchrun call it on rank 0 first and then on the others after a barrier: the stages are
+    deterministic, so the others then only read the caches (concurrent first builds would race on the files)."""
+    rows = load_rows(paths_or_dataset, teacher_names=teacher_names, cache_dir=cache_dir)
+    tokenized = tokenize_rows(rows, tokenizer, max_seq_len=seq_len, num_proc=num_proc, cache_dir=cache_dir)
+    if pad_id is None:
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if cache_dir is None:
+        return pack(tokenized, seq_len, teacher_names, pad_id=pad_id)
+    key = hashlib.blake2b(f"{tokenized._fingerprint}|{seq_len}|{teacher_names}|{pad_id}|{_CODE_HASH}".encode(),
+                          digest_size=8).hexdigest()
+    target = Path(cache_dir) / f"packed-{key}"
+    if (target / "meta.json").exists():
+        return PackedDataset.load(target)
+    packed = pack(tokenized, seq_len, teacher_names, pad_id=pad_id)
+    scratch = Path(cache_dir) / f".packed-{key}-{os.getpid()}"
+    packed.save(scratch)
+    try:
+        os.replace(scratch, target)  # atomic: a reader sees a complete directory or none
+    except OSError:  # another process finished first; its copy is identical
+        import shutil
+        shutil.rmtree(scratch, ignore_errors=True)
+    return PackedDataset.load(target)
 
 
 # ----------------------------------------------------------------------------------------------------------
