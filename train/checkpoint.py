@@ -1,0 +1,199 @@
+"""Resumable checkpoints: `torch.distributed.checkpoint` (DCP) for the sharded tensors, JSON for the rest.
+
+Layout of one checkpoint, `run_dir/step-N/`:
+    .metadata, __<rank>_<i>.distcp    DCP: model parameters and AdamW moments, each rank writing its own shards
+                                      (FSDP2: its slices; DDP/one process: rank 0's copy) and reading them back
+                                      under any sharding
+    trainer_state.json                step, sampler position, optimizer hyper-parameters (lr, betas...),
+                                      skip counters, teacher row counters, world size (written by rank 0)
+    rng-rank<r>.json                  each rank's torch / CUDA / numpy / Python RNG states
+
+Atomic: every rank writes into `run_dir/.tmp-step-N/`; after a barrier rank 0 fsyncs and renames it to
+`step-N/`, the one step that makes a checkpoint visible. A crash mid-save leaves a `.tmp-*` directory, which
+`latest()` never returns and the next save or resume deletes; the previous `step-M/` is untouched. Only then
+are checkpoints beyond the newest `keep` deleted.
+
+No pickle is written or executed from the data: DCP gets tensors only (optimizer hyper-parameters go to
+JSON, since DCP would pickle them), and DCP's own `.metadata` index (a pickle by design) is read with an
+unpickler that only admits DCP's metadata classes and torch's size/dtype types.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict)
+
+from train.parallel import Env, barrier
+
+_STEP_RE = re.compile(r"step-(\d+)")
+STATE_FILE = "trainer_state.json"
+
+
+# ------------------------------------------------------------------------------------------------ safe reading
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Admits the classes a DCP `.metadata` file is built from, nothing else."""
+
+    _ALLOWED_MODULES = ("torch.distributed.checkpoint.", "torch.distributed._shard.", "torch.distributed.tensor.")
+    _ALLOWED = {("torch", "Size"), ("torch", "device"), ("collections", "OrderedDict"), ("builtins", "set"),
+                ("builtins", "frozenset"), ("torch._utils", "_rebuild_tensor_v2"), ("pathlib", "PosixPath")}
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED or module.startswith(self._ALLOWED_MODULES) or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"DCP metadata refers to {module}.{name}, which a checkpoint index never "
+                                     f"needs; refusing to load it (was the checkpoint written by this trainer?)")
+
+
+class SafeReader(FileSystemReader):
+    """FileSystemReader whose `.metadata` is read by `_MetadataUnpickler` instead of `pickle.load`."""
+
+    def read_metadata(self, *args, **kwargs):
+        from torch.distributed.checkpoint.metadata import StorageMeta
+        rank = kwargs.get("rank")
+        name = ".metadata" if rank is None else f"__{rank}.metadata"
+        with open(Path(self.path) / name, "rb") as f:
+            metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+# ------------------------------------------------------------------------------------------------ RNG states
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state().tolist(),
+             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+             "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+def step_of(path: Path) -> int:
+    m = _STEP_RE.fullmatch(Path(path).name)
+    if m is None:
+        raise ValueError(f"{path} is not a checkpoint directory (expected a name like step-100)")
+    return int(m[1])
+
+
+def complete_checkpoints(run_dir) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (a `step-N/` exists only once its save finished)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [p for p in run_dir.iterdir() if p.is_dir() and _STEP_RE.fullmatch(p.name)
+             and (p / STATE_FILE).exists() and (p / ".metadata").exists()]
+    return sorted(found, key=step_of)
+
+
+def latest(run_dir) -> Path | None:
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def _fsync_tree(path: Path) -> None:
+    for f in path.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_partial(run_dir, env: Env) -> None:
+    """Delete `.tmp-step-*` leftovers of interrupted saves (rank 0), then wait for it."""
+    if env.is_main:
+        for p in Path(run_dir).glob(".tmp-step-*"):
+            shutil.rmtree(p, ignore_errors=True)
+    barrier(env)
+
+
+def _json_groups(groups: list) -> list:
+    return [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in groups]
+
+
+def save(run_dir, step: int, module, optimizer, trainer_state: dict, env: Env, keep: int) -> Path:
+    """Write `run_dir/step-<step>/` atomically (module doc); every rank must call it."""
+    run_dir = Path(run_dir)
+    final, tmp = run_dir / f"step-{step}", run_dir / f".tmp-step-{step}"
+    if env.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(env)
+    osd = get_optimizer_state_dict(module, optimizer)
+    tensors = {"model": get_model_state_dict(module), "optim": osd["state"]}
+    dcp.save(tensors, checkpoint_id=tmp, no_dist=not env.distributed)
+    (tmp / f"rng-rank{env.rank}.json").write_text(json.dumps(rng_state()))
+    barrier(env)
+    if env.is_main:
+        state = {**trainer_state, "step": step, "world_size": env.world_size,
+                 "param_groups": _json_groups(osd["param_groups"])}
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+        _fsync_tree(tmp)
+        if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in complete_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier(env)
+    return final
+
+
+def load(path, module, optimizer, env: Env) -> dict:
+    """Restore module, optimizer and this rank's RNG from `path` in place; returns trainer_state.json."""
+    path = Path(path)
+    state_file = path / STATE_FILE
+    if not state_file.exists():
+        raise ValueError(f"{path} is not a complete checkpoint (no {STATE_FILE}); use --resume auto to pick the "
+                         f"newest complete one")
+    state = json.loads(state_file.read_text())
+    msd = get_model_state_dict(module)
+    osd = get_optimizer_state_dict(module, optimizer)  # creates the AdamW moments to load into
+    tensors = {"model": msd, "optim": osd["state"]}
+    dcp.load(tensors, checkpoint_id=path, storage_reader=SafeReader(path), no_dist=not env.distributed)
+    set_model_state_dict(module, msd)
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in state["param_groups"]]
+    set_optimizer_state_dict(module, optimizer, {"state": osd["state"], "param_groups": groups})
+    rng_file = path / f"rng-rank{env.rank}.json"
+    if rng_file.exists():  # absent when resuming on more ranks than saved: those start from the seed
+        set_rng_state(json.loads(rng_file.read_text()))
+    return state
+
+
+def load_model_only(path, module) -> None:
+    """Model weights only (the `export` subcommand), in one process, into a plain module."""
+    path = Path(path)
+    msd = get_model_state_dict(module)
+    dcp.load({"model": msd}, checkpoint_id=path, storage_reader=SafeReader(path), no_dist=True)
+    set_model_state_dict(module, msd)
