@@ -1,7 +1,6 @@
 """train/data.py and train/demo_data.py: masks token by token, template equality, packing, sampler, bad input,
 the demo corpus and tokenizer. Built on a small demo corpus and its tokenizer (made once per session)."""
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -217,8 +216,8 @@ def test_bad_files(tmp_path):
 
 def test_empty_answers_skipped_and_counted(tmp_path):
     rows = [GOOD, _msgs(("user", "q"), ("assistant", "  ")), GOOD, {"prompt": "q", "response": ""}]
-    path = _write_jsonl(tmp_path / "e.jsonl", rows[:3])
-    with pytest.warns(UserWarning, match=r"e.jsonl: skipped 1 of 3 rows with an empty assistant answer \(first: row 2\)"):
+    path = _write_jsonl(tmp_path / "e.jsonl", rows)
+    with pytest.warns(UserWarning, match=r"e.jsonl: skipped 2 of 4 rows with an empty assistant answer \(first: row 2"):
         ds = D.load_rows(path, cache_dir=str(tmp_path / "c"))
     assert len(ds) == 2
 
@@ -236,7 +235,8 @@ def test_tokenize_rows_labels_and_cache(tokenized, tok, tmp_path):
         on = labels_T[:-1] != -100
         assert (labels_T[:-1][on] == ids_T[1:][on]).all() and labels_T[-1] == -100
     # cached: a second call is served from the same file
-    again = D.tokenize_rows(rows, tok, max_seq_len=128, num_proc=1, cache_dir=str(Path(tds.cache_files[0]["filename"]).parent))
+    cache = str(Path(tds.cache_files[0]["filename"]).parent)
+    again = D.tokenize_rows(rows, tok, max_seq_len=128, num_proc=1, cache_dir=cache)
     assert again.cache_files == tds.cache_files
 
 

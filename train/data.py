@@ -733,7 +733,8 @@ def pack(tokenized_ds, seq_len: int, teacher_names: Sequence[str] | None = None,
 
 
 def prepare_packed(paths_or_dataset, tokenizer, seq_len: int, teacher_names: Sequence[str] | None = None,
-                   cache_dir: str | None = None, num_proc: int | None = None, pad_id: int | None = None) -> PackedDataset:
+                   cache_dir: str | None = None, num_proc: int | None = None,
+                   pad_id: int | None = None) -> PackedDataset:
     """load_rows -> tokenize_rows(max_seq_len=seq_len) -> pack, in one call. With cache_dir, every stage is cached
     there and the PackedDataset is saved under cache_dir/packed-<key> and loaded (memory-mapped) next time.
     pad_id defaults to the tokenizer's pad token, else its eos token (both existing ids).
