@@ -1,0 +1,312 @@
+"""Teacher signals: for every loss position of a batch, the teacher's top-k token ids and log-probabilities.
+
+Two sources give the loss exactly the same thing (DESIGN.md, decision 1):
+  online   `OnlineTeacher`: one of our models loaded from an HF directory, frozen, optionally FSDP2-sharded;
+  offline  `train.store.StoreReader`: a top-k store written earlier by `capture` (train/store.py).
+`TeacherSet` holds several teachers by name and runs each only on the rows that name it (decision 3).
+
+Dimensions: B batch rows, T tokens per row, D model width, V vocabulary, K teacher top-k,
+N loss positions of a batch (labels != -100), C loss positions per LM-head chunk.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from model import Transformer, load_hf
+
+IGNORE_INDEX = -100
+
+
+class TopK(NamedTuple):
+    """Aligned with labels_BT: row (b, t) is the teacher's top-K over the distribution that predicts labels_BT[b, t]
+    (its logits at position t), best first. Rows where labels_BT == -100 hold id 0, logprob 0 (the loss ignores
+    them)."""
+    ids_BTK: torch.Tensor       # int64
+    logprobs_BTK: torch.Tensor  # float32
+
+
+class Rows(NamedTuple):
+    """The fields of a PackedBatch a teacher reads, for a subset of its rows (see `select_rows`)."""
+    tokens_BT: torch.Tensor
+    labels_BT: torch.Tensor
+    positions_BT: torch.Tensor | None
+    doc_ids_BT: torch.Tensor | None
+    sample_idx_B: torch.Tensor | None
+
+
+def select_rows(batch, rows_B: torch.Tensor | None) -> Rows:
+    """`batch` (a PackedBatch or Rows) restricted to the row indices `rows_B` (all rows when None)."""
+    def pick(x):
+        if x is None or rows_B is None:
+            return x
+        return x.index_select(0, rows_B.to(x.device))
+    return Rows(pick(batch.tokens_BT), pick(batch.labels_BT), pick(getattr(batch, "positions_BT", None)),
+                pick(getattr(batch, "doc_ids_BT", None)), pick(getattr(batch, "sample_idx_B", None)))
+
+
+def loss_positions(labels_BT: torch.Tensor) -> torch.Tensor:
+    """Flat indices (into B*T) of the loss positions, ascending (row-major: b, then t): the order in which
+    `TopK` rows are produced online and stored offline.
+
+    Host sync: `nonzero` must know N. The data loader hands labels over on the CPU, where this costs nothing;
+    on a CUDA tensor it waits for the queue (the trainer should pass CPU labels)."""
+    return (labels_BT.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+
+
+def head_chunk_rows(vocab_size: int, budget_bytes: int = 256 << 20) -> int:
+    """Loss positions per LM-head chunk so that one chunk's logits stay under `budget_bytes`.
+
+    Per position a chunk holds V logits in the model dtype (2 B in bf16) and their fp32 copy (4 B), 6 B x V:
+    at V = 32000 that is 192 KB, so 256 MiB gives C = 1398 positions (a [1398, 4096] x [4096, 32000] GEMM,
+    large enough to be compute-bound), instead of N x V x 6 B = 1.5 GB for a 8 x 1024-token batch at N = 8192.
+    """
+    return max(1, budget_bytes // (6 * vocab_size))
+
+
+@torch.no_grad()
+def topk_logprobs(hidden_ND: torch.Tensor, weight_VD: torch.Tensor, k: int, chunk_rows: int | None = None):
+    """Top-k of log_softmax(hidden_ND @ weight_VD.T) per row, chunk by chunk: (ids_NK int64, logprobs_NK fp32).
+
+    Logits come out of the GEMM in the weight dtype (bf16 on GPU, as the teacher's own head computes them) and
+    are normalised in fp32. top-k runs on the fp32 logits and the log-partition is subtracted afterwards:
+    log_softmax is a per-row shift, so the order is the same and no second [C, V] fp32 buffer is needed.
+    """
+    N, V = hidden_ND.shape[0], weight_VD.shape[0]
+    if not 1 <= k <= V:
+        raise ValueError(f"k={k} must be in [1, V={V}]")
+    C = chunk_rows or head_chunk_rows(V)
+    ids_NK = torch.empty(N, k, dtype=torch.long, device=hidden_ND.device)
+    logprobs_NK = torch.empty(N, k, dtype=torch.float32, device=hidden_ND.device)
+    for s in range(0, N, C):  # no host sync inside: N is already a host int
+        logits_CV = F.linear(hidden_ND[s:s + C].to(weight_VD.dtype), weight_VD).float()
+        top_CK, ids_CK = logits_CV.topk(k, dim=-1)
+        logprobs_NK[s:s + C] = top_CK - torch.logsumexp(logits_CV, dim=-1, keepdim=True)
+        ids_NK[s:s + C] = ids_CK
+    return ids_NK, logprobs_NK
+
+
+def dense_topk(idx_N: torch.Tensor, ids_NK: torch.Tensor, logprobs_NK: torch.Tensor, B: int, T: int) -> TopK:
+    """Scatter per-loss-position rows into the dense TopK contract (id 0, logprob 0 elsewhere)."""
+    K = ids_NK.shape[1]
+    ids_BTK = torch.zeros(B * T, K, dtype=torch.long, device=ids_NK.device)
+    logprobs_BTK = torch.zeros(B * T, K, dtype=torch.float32, device=ids_NK.device)
+    idx_N = idx_N.to(ids_NK.device)
+    ids_BTK[idx_N] = ids_NK.long()
+    logprobs_BTK[idx_N] = logprobs_NK.float()
+    return TopK(ids_BTK.view(B, T, K), logprobs_BTK.view(B, T, K))
+
+
+def default_dtype(device) -> torch.dtype:
+    """bf16 on CUDA (the teacher's native precision, half the memory of fp32), fp32 on CPU (correctness runs)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def shard_teacher(model: Transformer, mesh=None) -> Transformer:
+    """FSDP2 forward-only sharding of a frozen teacher over the ranks, applied from outside the model.
+
+    Order: each block its own unit (its weights are gathered just before it runs and freed right after, so a
+    rank holds 1/W of the teacher plus one block), the LM head its own unit (OnlineTeacher gathers it once per
+    batch around the chunk loop with unshard()/reshard()), then the root (embeddings and final norm).
+    Every rank must then call the teacher the same number of times: TeacherSet and capture keep them in step.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+    fully_shard(model.output, mesh=mesh, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    return model
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized()
+
+
+class OnlineTeacher:
+    """A frozen model that answers top-k at loss positions. `sharded` = wrapped by `shard_teacher`."""
+
+    def __init__(self, model: Transformer, k: int, sharded: bool = False, chunk_rows: int | None = None):
+        if not 1 <= k <= model.args.vocab_size:
+            raise ValueError(f"k={k} must be in [1, vocab_size={model.args.vocab_size}]")
+        self.model, self.k, self.sharded, self.chunk_rows = model, k, sharded, chunk_rows
+        self.device = next(iter(model.parameters())).device if not sharded else _mesh_device()
+
+    @classmethod
+    def load(cls, path, k: int, device="cpu", dtype: torch.dtype | None = None, shard: bool = False,
+             chunk_rows: int | None = None) -> "OnlineTeacher":
+        """Load an HF directory with `load_hf`, freeze it (no grad, eval) and, when `shard` and a process group
+        is initialised, shard it with FSDP2. A sharded teacher is read on the CPU first (FSDP2 moves one block at
+        a time to the GPU while sharding), so a teacher larger than one GPU fits."""
+        path = Path(path)
+        dtype = dtype or default_dtype(device)
+        shard = shard and _distributed()
+        model = load_hf(path, dtype=dtype, device="cpu" if shard else device)
+        model.requires_grad_(False).eval()
+        if shard:
+            shard_teacher(model)
+        return cls(model, k, sharded=shard, chunk_rows=chunk_rows)
+
+    @torch.no_grad()
+    def loss_topk(self, rows):
+        """(idx_N, ids_NK, logprobs_NK) for the loss positions of `rows` (a PackedBatch or Rows); idx_N are flat
+        indices into B*T in ascending order. Hidden states are gathered at the N loss positions before the LM
+        head, so [B, T, V] logits never exist (about half the positions of a chat batch are prompt)."""
+        dev = self.device
+        idx_N = loss_positions(rows.labels_BT)  # host sync on CUDA labels, free on CPU labels
+        tokens_BT = rows.tokens_BT.to(dev, non_blocking=True)
+        positions_BT = rows.positions_BT.to(dev, non_blocking=True) if rows.positions_BT is not None else None
+        doc_ids_BT = rows.doc_ids_BT.to(dev, non_blocking=True) if rows.doc_ids_BT is not None else None
+        hidden_BTD = self.model(tokens_BT, positions_BT, doc_ids_BT)
+        hidden_ND = hidden_BTD.reshape(-1, hidden_BTD.shape[-1]).index_select(0, idx_N.to(dev, non_blocking=True))
+        head = self.model.output
+        if self.sharded:
+            head.unshard()  # all-gather the V x D head once per batch, not once per chunk
+        try:
+            ids_NK, logprobs_NK = topk_logprobs(hidden_ND, head.weight, self.k, self.chunk_rows)
+        finally:
+            if self.sharded:
+                head.reshard()
+        return idx_N, ids_NK, logprobs_NK
+
+    def signals(self, rows) -> TopK:
+        B, T = rows.labels_BT.shape
+        return dense_topk(*self.loss_topk(rows), B, T)
+
+    @torch.no_grad()
+    def dummy_step(self):
+        """One forward on a single token plus the head gather: what a sharded teacher's collectives need from a
+        rank that has no rows of this teacher in a step where another rank has some."""
+        t_11 = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        self.loss_topk(Rows(t_11, torch.full_like(t_11, IGNORE_INDEX), None, None, None))
+
+
+def _mesh_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def collective_device() -> torch.device:
+    """Where small control tensors for collectives live: the GPU under NCCL, the CPU under gloo."""
+    import torch.distributed as dist
+    return _mesh_device() if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+@dataclass
+class TeacherSpec:
+    """One teacher of a run: online (`path`, an HF directory) or offline (`store`, a directory written by
+    `capture`), exactly one of the two. `shard`: FSDP2-shard an online teacher over the ranks (under torchrun)."""
+    path: str | None = None
+    store: str | None = None
+    shard: bool = False
+
+    def __post_init__(self):
+        if (self.path is None) == (self.store is None):
+            raise ValueError(f"a teacher spec needs exactly one of path= (online HF directory) or store= (offline "
+                             f"capture directory); got path={self.path!r}, store={self.store!r}")
+
+
+class TeacherSet:
+    """Teachers by name; `signals(batch)` gives each row the signal of its own teacher only.
+
+    `names` is the run's ordered teacher list: batch.teacher_B[b] = i means row b is taught by names[i].
+    `rows_seen[name]` counts the rows each teacher actually processed (the proof that none ran on others' rows).
+    """
+
+    def __init__(self, sources: dict, k: int, device, names: list[str] | None = None):
+        self.sources, self.k, self.device = dict(sources), k, torch.device(device)
+        self.names = list(names) if names is not None else list(self.sources)
+        self.rows_seen = {name: 0 for name in self.sources}
+        self.dummy_steps = {name: 0 for name in self.sources}
+
+    def online(self, name: str) -> Transformer | None:
+        """The online teacher's model (for the attention-transfer term), None for an offline one."""
+        src = self.sources.get(name)
+        if name not in self.sources:
+            raise ValueError(f"no teacher {name!r}; loaded: {sorted(self.sources)}")
+        return src.model if isinstance(src, OnlineTeacher) else None
+
+    def _rows_by_teacher(self, teacher_B: torch.Tensor) -> dict[str, list[int]]:
+        teacher_list = teacher_B.tolist()  # host sync (free: the loader's teacher_B is a CPU tensor)
+        groups: dict[str, list[int]] = {}
+        for b, i in enumerate(teacher_list):
+            if not 0 <= i < len(self.names):
+                raise ValueError(f"row {b} names teacher index {i}, but the run's teachers are {self.names} "
+                                 f"(indices 0..{len(self.names) - 1}); the data and the teacher config disagree")
+            name = self.names[i]
+            if name not in self.sources:
+                raise ValueError(f"row {b} names teacher {name!r} (index {i}), which is not loaded; loaded: "
+                                 f"{sorted(self.sources)}; add a spec for {name!r} to the run's teachers")
+            groups.setdefault(name, []).append(b)
+        return groups
+
+    def _global_counts(self, groups: dict[str, list[int]]) -> dict[str, int] | None:
+        """Rows per teacher summed over ranks, when a sharded teacher needs all ranks to call it together."""
+        if not any(isinstance(s, OnlineTeacher) and s.sharded for s in self.sources.values()):
+            return None
+        import torch.distributed as dist
+        names = sorted(self.sources)
+        counts = torch.tensor([len(groups.get(n, ())) for n in names], dtype=torch.long, device=collective_device())
+        dist.all_reduce(counts)
+        return dict(zip(names, counts.tolist()))  # host sync: one per step, decides which teachers run
+
+    def signals(self, batch) -> TopK:
+        """TopK [B, T, K] on `self.device`; each row from its own teacher, each teacher run once on its rows."""
+        B, T = batch.labels_BT.shape
+        groups = self._rows_by_teacher(batch.teacher_B)
+        global_counts = self._global_counts(groups)
+        if len(groups) == 1 and global_counts is None:  # the common phase-1 case: no gather/scatter
+            (name, rows), = groups.items()
+            self.rows_seen[name] += len(rows)
+            return self._to_device(self.sources[name].signals(batch))
+        ids_BTK = torch.zeros(B, T, self.k, dtype=torch.long, device=self.device)
+        logprobs_BTK = torch.zeros(B, T, self.k, dtype=torch.float32, device=self.device)
+        for name in sorted(self.sources):  # same order on every rank: sharded teachers' collectives line up
+            rows = groups.get(name)
+            src = self.sources[name]
+            if rows is None:
+                if global_counts is not None and global_counts[name] > 0 and getattr(src, "sharded", False):
+                    src.dummy_step()
+                    self.dummy_steps[name] += 1
+                continue
+            rows_B = torch.tensor(rows, dtype=torch.long)
+            sig = self._to_device(src.signals(select_rows(batch, rows_B)))
+            rows_B = rows_B.to(self.device)
+            ids_BTK[rows_B] = sig.ids_BTK
+            logprobs_BTK[rows_B] = sig.logprobs_BTK
+            self.rows_seen[name] += len(rows)
+        return TopK(ids_BTK, logprobs_BTK)
+
+    def _to_device(self, sig: TopK) -> TopK:
+        return TopK(sig.ids_BTK.to(self.device, non_blocking=True), sig.logprobs_BTK.to(self.device, non_blocking=True))
+
+
+def build_teachers(specs: dict, k: int, device="cpu", dtype: torch.dtype | None = None,
+                   names: list[str] | None = None, expected: dict | None = None,
+                   chunk_rows: int | None = None) -> TeacherSet:
+    """A TeacherSet from `{name: TeacherSpec | dict}`. Online teachers are loaded with `load_hf` and frozen (bf16
+    on CUDA, fp32 on CPU unless `dtype`); offline ones open their store with `StoreReader(store, expected)`,
+    which refuses a store made with another tokenizer, packing, dataset or K (`k` is added to `expected`).
+    `names`: the run's ordered teacher names that batch.teacher_B indexes (default: the order of `specs`)."""
+    from train.store import StoreReader
+
+    sources = {}
+    for name, spec in specs.items():
+        if isinstance(spec, dict):
+            spec = TeacherSpec(**spec)
+        if spec.path is not None:
+            sources[name] = OnlineTeacher.load(spec.path, k, device=device, dtype=dtype, shard=spec.shard,
+                                               chunk_rows=chunk_rows)
+        else:
+            reader = StoreReader(spec.store, {**(expected or {}), "k": k}, device=device)
+            if reader.rows_of not in (None, name):
+                raise ValueError(f"teacher {name!r}: store {spec.store} holds the rows of teacher {reader.rows_of!r}; "
+                                 f"fix: point {name!r} to the store captured with teacher={name!r}")
+            sources[name] = reader
+    return TeacherSet(sources, k, device, names=names)
