@@ -21,9 +21,13 @@ these kernels with numpy 2 (its `range` over a runtime bound calls int() on a 1-
 3.9; compiled 3.6 is unaffected.
 """
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # Triton is Linux-only; the torch path (grouped_mm_ref) works without it
+    triton = None
 
 
 def _check_inputs(x_MK: Tensor, w_ENK: Tensor, expert_offsets_E1: Tensor) -> None:
@@ -66,134 +70,135 @@ def grouped_mm_ref(x_MK: Tensor, w_ENK: Tensor, expert_offsets_E1: Tensor) -> Te
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@triton.jit
-def _grouped_mm_kernel(
-    a_ptr, a_rows_ptr, b_ptr, c_ptr, c_rows_ptr, offsets_ptr,
-    N, K, E, num_tiles_m,
-    stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
-    GROUP_M: tl.constexpr, A_GATHER: tl.constexpr, A_ROW_DIV: tl.constexpr, C_SCATTER: tl.constexpr,
-    EVEN_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-):
-    """C[c_row(m), n] = sum_k A[a_row(m), k] * B[e(m), k, n] for the M sorted rows, e(m) = expert owning row m.
+if triton is not None:  # without Triton only grouped_mm_ref (the CPU path) is usable
+    @triton.jit
+    def _grouped_mm_kernel(
+        a_ptr, a_rows_ptr, b_ptr, c_ptr, c_rows_ptr, offsets_ptr,
+        N, K, E, num_tiles_m,
+        stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+        GROUP_M: tl.constexpr, A_GATHER: tl.constexpr, A_ROW_DIV: tl.constexpr, C_SCATTER: tl.constexpr,
+        EVEN_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ):
+        """C[c_row(m), n] = sum_k A[a_row(m), k] * B[e(m), k, n] for the M sorted rows, e(m) = expert owning row m.
 
-    Here K is the contraction and N the output width, whatever they are called outside: the forward passes
-    B = w_ENK viewed [E, K, N] (strides swapped), dX passes B = w_ENK itself ([E, N, K], contracting over N).
-    a_row(m) = a_rows[m] // A_ROW_DIV if A_GATHER else m (reads token rows through Routing.order_M // top-k);
-    c_row(m) = c_rows[m] if C_SCATTER else m (writes in pair order through Routing.order_M).
+        Here K is the contraction and N the output width, whatever they are called outside: the forward passes
+        B = w_ENK viewed [E, K, N] (strides swapped), dX passes B = w_ENK itself ([E, N, K], contracting over N).
+        a_row(m) = a_rows[m] // A_ROW_DIV if A_GATHER else m (reads token rows through Routing.order_M // top-k);
+        c_row(m) = c_rows[m] if C_SCATTER else m (writes in pair order through Routing.order_M).
 
-    Schedule: the row tiles of expert e are BLOCK_M-row slices of [offsets[e], offsets[e+1]), numbered after the
-    tiles of experts 0..e-1. Their total is at most cdiv(M, BLOCK_M) + E - 1 (each expert adds at most one
-    partial tile), the host launches num_tiles_m = cdiv(M, BLOCK_M) + E row tiles, and programs past the real
-    total return at once.
-    """
-    pid = tl.program_id(0)
-    num_tiles_n = tl.cdiv(N, BLOCK_N)
-    # Grouped ordering (Triton matmul tutorial): GROUP_M consecutive row tiles sweep the N tiles together, so a
-    # weight column tile is read from HBM once per group rather than once per row tile.
-    tiles_per_group = GROUP_M * num_tiles_n
-    first_m = (pid // tiles_per_group) * GROUP_M
-    group_m = min(num_tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % tiles_per_group) % group_m
-    pid_n = (pid % tiles_per_group) // group_m
+        Schedule: the row tiles of expert e are BLOCK_M-row slices of [offsets[e], offsets[e+1]), numbered after the
+        tiles of experts 0..e-1. Their total is at most cdiv(M, BLOCK_M) + E - 1 (each expert adds at most one
+        partial tile), the host launches num_tiles_m = cdiv(M, BLOCK_M) + E row tiles, and programs past the real
+        total return at once.
+        """
+        pid = tl.program_id(0)
+        num_tiles_n = tl.cdiv(N, BLOCK_N)
+        # Grouped ordering (Triton matmul tutorial): GROUP_M consecutive row tiles sweep the N tiles together, so a
+        # weight column tile is read from HBM once per group rather than once per row tile.
+        tiles_per_group = GROUP_M * num_tiles_n
+        first_m = (pid // tiles_per_group) * GROUP_M
+        group_m = min(num_tiles_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % tiles_per_group) % group_m
+        pid_n = (pid % tiles_per_group) // group_m
 
-    # Which expert owns row tile pid_m: E <= BLOCK_E offsets in one vector, no loop.
-    e_idx = tl.arange(0, BLOCK_E)
-    starts = tl.load(offsets_ptr + e_idx, mask=e_idx < E, other=0).to(tl.int32)
-    ends = tl.load(offsets_ptr + e_idx + 1, mask=e_idx < E, other=0).to(tl.int32)
-    tiles = (ends - starts + BLOCK_M - 1) // BLOCK_M
-    tiles_end = tl.cumsum(tiles, 0)                      # inclusive: tiles of experts 0..e
-    if pid_m >= tl.sum(tiles, 0):
-        return
-    expert = tl.sum((tiles_end <= pid_m).to(tl.int32), 0)
-    is_e = e_idx == expert
-    row_start = tl.sum(tl.where(is_e, starts, 0), 0) + (pid_m - tl.sum(tl.where(is_e, tiles_end - tiles, 0), 0)) * BLOCK_M
-    row_end = tl.sum(tl.where(is_e, ends, 0), 0)
+        # Which expert owns row tile pid_m: E <= BLOCK_E offsets in one vector, no loop.
+        e_idx = tl.arange(0, BLOCK_E)
+        starts = tl.load(offsets_ptr + e_idx, mask=e_idx < E, other=0).to(tl.int32)
+        ends = tl.load(offsets_ptr + e_idx + 1, mask=e_idx < E, other=0).to(tl.int32)
+        tiles = (ends - starts + BLOCK_M - 1) // BLOCK_M
+        tiles_end = tl.cumsum(tiles, 0)                      # inclusive: tiles of experts 0..e
+        if pid_m >= tl.sum(tiles, 0):
+            return
+        expert = tl.sum((tiles_end <= pid_m).to(tl.int32), 0)
+        is_e = e_idx == expert
+        row_start = tl.sum(tl.where(is_e, starts, 0), 0) + (pid_m - tl.sum(tl.where(is_e, tiles_end - tiles, 0), 0)) * BLOCK_M
+        row_end = tl.sum(tl.where(is_e, ends, 0), 0)
 
-    offs_m = row_start + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < row_end                            # rows of the next expert (or past M) are never read
-    if A_GATHER:
-        a_rows = tl.load(a_rows_ptr + offs_m, mask=mask_m, other=0).to(tl.int64) // A_ROW_DIV
-    else:
-        a_rows = offs_m.to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
-    # int64 offsets: M * N reaches 2^31 at Mixtral sizes (32768 rows x 2F = 28672 is 0.94e9; T = 40k overflows).
-    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + expert.to(tl.int64) * stride_be + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
-            b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
+        offs_m = row_start + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < row_end                            # rows of the next expert (or past M) are never read
+        if A_GATHER:
+            a_rows = tl.load(a_rows_ptr + offs_m, mask=mask_m, other=0).to(tl.int64) // A_ROW_DIV
         else:
-            a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < K - k0), other=0.0)
-            b = tl.load(b_ptrs, mask=(offs_k[:, None] < K - k0) & mask_n[None, :], other=0.0)
-        acc = tl.dot(a, b, acc=acc, input_precision=INPUT_PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+            a_rows = offs_m.to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        offs_k = tl.arange(0, BLOCK_K)
+        # int64 offsets: M * N reaches 2^31 at Mixtral sizes (32768 rows x 2F = 28672 is 0.94e9; T = 40k overflows).
+        a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+        b_ptrs = b_ptr + expert.to(tl.int64) * stride_be + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
 
-    if C_SCATTER:
-        c_rows = tl.load(c_rows_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
-    else:
-        c_rows = offs_m.to(tl.int64)
-    c_ptrs = c_ptr + c_rows[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+                b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
+            else:
+                a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < K - k0), other=0.0)
+                b = tl.load(b_ptrs, mask=(offs_k[:, None] < K - k0) & mask_n[None, :], other=0.0)
+            acc = tl.dot(a, b, acc=acc, input_precision=INPUT_PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
 
-
-@triton.jit
-def _grouped_mm_dw_kernel(
-    p_ptr, p_rows_ptr, q_ptr, q_rows_ptr, c_ptr, offsets_ptr,
-    N, K,
-    stride_pm, stride_pn, stride_qm, stride_qk, stride_ce, stride_cn, stride_ck,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
-    P_GATHER: tl.constexpr, Q_GATHER: tl.constexpr, Q_ROW_DIV: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-):
-    """C[e, n, k] = sum over expert e's rows m of P[p_row(m), n] * Q[q_row(m), k]   (dW = dYᵀ X per expert).
-
-    One program per (expert, N tile, K tile) walks its expert's rows in BLOCK_M steps between offsets read on
-    the device; an expert with no rows writes zeros (its true gradient).
-    p_row(m) = p_rows[m] if P_GATHER else m; q_row(m) = q_rows[m] // Q_ROW_DIV if Q_GATHER else m.
-    """
-    pid = tl.program_id(0)
-    expert = tl.program_id(1)
-    num_tiles_k = tl.cdiv(K, BLOCK_K)
-    pid_n = pid // num_tiles_k
-    pid_k = pid % num_tiles_k
-    row_start = tl.load(offsets_ptr + expert).to(tl.int32)
-    row_end = tl.load(offsets_ptr + expert + 1).to(tl.int32)
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask_n = offs_n < N
-    mask_k = offs_k < K
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for m0 in range(row_start, row_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < row_end
-        if P_GATHER:
-            p_rows = tl.load(p_rows_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+        if C_SCATTER:
+            c_rows = tl.load(c_rows_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
         else:
-            p_rows = offs_m.to(tl.int64)
-        if Q_GATHER:
-            q_rows = tl.load(q_rows_ptr + offs_m, mask=mask_m, other=0).to(tl.int64) // Q_ROW_DIV
-        else:
-            q_rows = offs_m.to(tl.int64)
-        p = tl.load(p_ptr + p_rows[:, None] * stride_pm + offs_n[None, :] * stride_pn,
-                    mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-        q = tl.load(q_ptr + q_rows[:, None] * stride_qm + offs_k[None, :] * stride_qk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        acc = tl.dot(tl.trans(p), q, acc=acc, input_precision=INPUT_PRECISION)
-
-    c_ptrs = c_ptr + expert.to(tl.int64) * stride_ce + offs_n[:, None] * stride_cn + offs_k[None, :] * stride_ck
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_k[None, :])
+            c_rows = offs_m.to(tl.int64)
+        c_ptrs = c_ptr + c_rows[:, None] * stride_cm + offs_n[None, :] * stride_cn
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Launchers: check inputs, allocate outputs, choose block sizes from the shapes.
-# ----------------------------------------------------------------------------------------------------------------
+    @triton.jit
+    def _grouped_mm_dw_kernel(
+        p_ptr, p_rows_ptr, q_ptr, q_rows_ptr, c_ptr, offsets_ptr,
+        N, K,
+        stride_pm, stride_pn, stride_qm, stride_qk, stride_ce, stride_cn, stride_ck,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+        P_GATHER: tl.constexpr, Q_GATHER: tl.constexpr, Q_ROW_DIV: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ):
+        """C[e, n, k] = sum over expert e's rows m of P[p_row(m), n] * Q[q_row(m), k]   (dW = dYᵀ X per expert).
+
+        One program per (expert, N tile, K tile) walks its expert's rows in BLOCK_M steps between offsets read on
+        the device; an expert with no rows writes zeros (its true gradient).
+        p_row(m) = p_rows[m] if P_GATHER else m; q_row(m) = q_rows[m] // Q_ROW_DIV if Q_GATHER else m.
+        """
+        pid = tl.program_id(0)
+        expert = tl.program_id(1)
+        num_tiles_k = tl.cdiv(K, BLOCK_K)
+        pid_n = pid // num_tiles_k
+        pid_k = pid % num_tiles_k
+        row_start = tl.load(offsets_ptr + expert).to(tl.int32)
+        row_end = tl.load(offsets_ptr + expert + 1).to(tl.int32)
+
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask_n = offs_n < N
+        mask_k = offs_k < K
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for m0 in range(row_start, row_end, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < row_end
+            if P_GATHER:
+                p_rows = tl.load(p_rows_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+            else:
+                p_rows = offs_m.to(tl.int64)
+            if Q_GATHER:
+                q_rows = tl.load(q_rows_ptr + offs_m, mask=mask_m, other=0).to(tl.int64) // Q_ROW_DIV
+            else:
+                q_rows = offs_m.to(tl.int64)
+            p = tl.load(p_ptr + p_rows[:, None] * stride_pm + offs_n[None, :] * stride_pn,
+                        mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+            q = tl.load(q_ptr + q_rows[:, None] * stride_qm + offs_k[None, :] * stride_qk,
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            acc = tl.dot(tl.trans(p), q, acc=acc, input_precision=INPUT_PRECISION)
+
+        c_ptrs = c_ptr + expert.to(tl.int64) * stride_ce + offs_n[:, None] * stride_cn + offs_k[None, :] * stride_ck
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_k[None, :])
+
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Launchers: check inputs, allocate outputs, choose block sizes from the shapes.
+    # ----------------------------------------------------------------------------------------------------------------
 def _pow2_at_least_16(n: int) -> int:
     return max(16, triton.next_power_of_2(max(int(n), 1)))
 
