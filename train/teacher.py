@@ -227,9 +227,9 @@ class TeacherSet:
 
     def online(self, name: str) -> Transformer | None:
         """The online teacher's model (for the attention-transfer term), None for an offline one."""
-        src = self.sources.get(name)
         if name not in self.sources:
             raise ValueError(f"no teacher {name!r}; loaded: {sorted(self.sources)}")
+        src = self.sources[name]
         return src.model if isinstance(src, OnlineTeacher) else None
 
     def _rows_by_teacher(self, teacher_B: torch.Tensor) -> dict[str, list[int]]:
