@@ -3,7 +3,7 @@ full-logits twin `linear_topk_kd_loss_ref` with the same signature and outputs.
 
 Dimensions: N tokens (batch x sequence, flattened), D hidden, V vocabulary, K teacher top-k, C tokens per chunk.
 
-What all three paths compute, with z_N V = h_ND W_VDᵀ and m_i = [y_i != -100]:
+What all three paths compute, with z_NV = h_ND W_VDᵀ and m_i = [y_i != -100]:
     CE_i = -log softmax(z_i)[y_i]                                    (labels are already the next tokens)
     p_i  = softmax over the K slots of L_i / τ                       (teacher top-k logprobs re-tempered)
     KD_i = τ² Σ_k p_ik (log p_ik - log softmax(z_i / τ)[I_ik])
@@ -16,10 +16,10 @@ distribution softmax(z_T / τ) *conditioned on the top-k set*. The tail mass (1 
 probability outside its top k) is dropped by this renormalisation: the student is pulled towards the teacher's
 ranking inside the top k, and towards pushing the rest of its own mass into the top k, with no target for
 how the tail is shared. With K = V this is the full KL(softmax(z_T/τ) || softmax(z_S/τ)) times τ²; with K = 1
-and L = 0 it is τ² (-log softmax(z/τ)[I]), i.e. CE when τ = 1 and I = y (both tested). At K = 64 a
-Mixtral-class teacher's tail is typically a few % of the mass at τ = 1, more at larger τ. No other tail
+and L = 0 it is τ² (-log softmax(z/τ)[I]), i.e. CE when τ = 1 and I = y (both tested). No other tail
 handling is offered: a "tail bucket" at τ != 1 would need the teacher's tempered tail, which a top-k store
-cannot give.
+cannot give. How much is dropped depends on the teacher: a confident teacher at τ = 1 leaves little outside
+K = 64; at τ > 1 the tempered tail grows and is ignored.
 
 Schedule (Liger-Kernel's fused linear cross-entropy, extended by the KD term). For each chunk of C tokens:
     z_CV  = h_CD W_VDᵀ                       one matmul
@@ -27,13 +27,16 @@ Schedule (Liger-Kernel's fused linear cross-entropy, extended by the KD term). F
     dh_CD = dz_CV W_VD ; dW_VD += dz_CVᵀ h_CD   two matmuls, dW accumulated in fp32
 so extra memory is one C x V chunk (plus dh and the fp32 dW, which any backward needs), never N x V, and the
 backward only scales the stored dh and dW by dloss (one elementwise pass over N·D + V·D elements).
+Budget at N=16384, D=4096, V=32000 in bf16 (arithmetic; not yet measured on a GPU): the 2048-token logits
+chunk 131 MB + fp32 dW 524 MB + dh 134 MB, and at the end of the forward dW cast to bf16 (262 MB) while the
+fp32 copy is alive: ~0.92 GB beyond the inputs, of which 0.39 GB are the gradients themselves.
 With dloss/dz_ij = (1/n) [(1-λ)(softmax(z_i)_j - [j = y_i]) + λ τ (softmax(z_i/τ)_j - P_ij)], where
 P_ij = Σ_k p_ik [I_ik = j] is the teacher's mass on token j (duplicate ids add up).
 
 Three paths share the chunk loop:
 - `linear_topk_kd_loss` (the Triton path): matmuls are torch.matmul (cuBLAS) on the chunk in the input dtype;
   the per-row work is one Triton kernel `_kd_loss_rows_kernel`. Why cuBLAS and not a fused matmul+loss: the
-  three GEMMs are ~99 % of the FLOPs (6·N·D·V = 12.9 PFLOP at N=16384, D=4096, V=32000, vs ~50 flop per logit
+  three GEMMs are ~99 % of the FLOPs (6·N·D·V = 12.9 TFLOP at N=16384, D=4096, V=32000, vs ~50 flop per logit
   for the loss), cuBLAS runs them near peak, and the loss kernel reads the bf16 chunk twice and writes it
   once (3 x 2 B x C x V: 0.4 GB per C=2048 chunk, ~0.1 ms at 4 TB/s against ~2 ms of GEMMs). A GEMM with the
   online-softmax epilogue fused would save that ~5 % but needs a second GEMM pass (or a stored chunk) for
@@ -323,6 +326,8 @@ def _rows_triton(logits_CV, labels_C, ids_CK, lp_CK, ce_C, kd_C, n, tau, kd_weig
     C, V = logits_CV.shape
     K = ids_CK.shape[1]
     scratch_CK = torch.empty((C, K), dtype=torch.float32, device=logits_CV.device) if compute_grad and K else ce_C
+    if K == 0:  # never read (HAS_TEACHER=False); an empty tensor may have a null data pointer, which Triton refuses
+        ids_CK = lp_CK = ce_C[:, None]
     # BLOCK_V = 4096 logits per step: 16 fp32 values per thread at 8 warps, two online LSEs in registers;
     # V=32000 is 8 steps per pass. BLOCK_K = 64 holds the usual top-k in one step; the K x K id compare is
     # then a 64 x 64 tile (16 values per thread).
@@ -425,6 +430,7 @@ def linear_topk_kd_fwd(hidden_ND, weight_VD, labels_N, teacher_ids_NK, teacher_l
     dW_VD = torch.zeros((V, D), dtype=torch.float32, device=dev) if need_dW else None
     logits_buf = torch.empty((min(C, N), V), dtype=dtype, device=dev)
     rows = _rows_triton if use_kernel else _rows_torch
+    z_CV = None
     for c0 in range(0, N, C):
         c1 = min(c0 + C, N)
         h_CD = h_ND[c0:c1].to(dtype)
