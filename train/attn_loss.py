@@ -49,7 +49,8 @@ def _layer_kl_sum(q_s, k_s, q_t, k_t, mask_s, mask_t, rows_BT):
     """Σ over heads and loss rows of KL(A_T || A_S) for one layer (a checkpointed unit)."""
     logp_s = _log_attention(q_s, k_s, mask_s)
     logp_t = _log_attention(q_t, k_t, mask_t)
-    kl_BHT = torch.where(mask_t, logp_t.exp() * (logp_t - logp_s), 0.0).sum(-1)
+    # Masked keys: both log-probs are -inf and their difference NaN; `where` zeroes it (and its gradient).
+    kl_BHT = (logp_t.exp() * torch.where(mask_t, logp_t - logp_s, 0.0)).sum(-1)
     return (kl_BHT * rows_BT[:, None, :]).sum()
 
 

@@ -6,7 +6,7 @@ Layout of one checkpoint, `run_dir/step-N/`:
                                       under any sharding
     trainer_state.json                step, sampler position, optimizer hyper-parameters (lr, betas...),
                                       skip counters, teacher row counters, world size (written by rank 0)
-    rng-rank<r>.json                  each rank's torch / CUDA / numpy / Python RNG states
+    rank<r>.json                      each rank's torch / CUDA / numpy / Python RNG states and its own counters
 
 Atomic: every rank writes into `run_dir/.tmp-step-N/`; after a barrier rank 0 fsyncs and renames it to
 `step-N/`, the one step that makes a checkpoint visible. A crash mid-save leaves a `.tmp-*` directory, which
@@ -26,6 +26,7 @@ import pickle
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +48,9 @@ class _MetadataUnpickler(pickle.Unpickler):
     """Admits the classes a DCP `.metadata` file is built from, nothing else."""
 
     _ALLOWED_MODULES = ("torch.distributed.checkpoint.", "torch.distributed._shard.", "torch.distributed.tensor.")
-    _ALLOWED = {("torch", "Size"), ("torch", "device"), ("collections", "OrderedDict"), ("builtins", "set"),
-                ("builtins", "frozenset"), ("torch._utils", "_rebuild_tensor_v2"), ("pathlib", "PosixPath")}
+    _ALLOWED = {("torch", "Size"), ("torch", "device"), ("torch.serialization", "_get_layout"),
+                ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
+                ("pathlib", "PosixPath")}
 
     def find_class(self, module, name):
         if (module, name) in self._ALLOWED or module.startswith(self._ALLOWED_MODULES) or (
@@ -143,8 +145,10 @@ def _json_groups(groups: list) -> list:
     return [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in groups]
 
 
-def save(run_dir, step: int, module, optimizer, trainer_state: dict, env: Env, keep: int) -> Path:
-    """Write `run_dir/step-<step>/` atomically (module doc); every rank must call it."""
+def save(run_dir, step: int, module, optimizer, trainer_state: dict, rank_state: dict, env: Env,
+         keep: int) -> Path:
+    """Write `run_dir/step-<step>/` atomically (module doc); every rank must call it. trainer_state: rank 0's
+    (global) state; rank_state: this rank's own (e.g. how many rows its teachers saw)."""
     run_dir = Path(run_dir)
     final, tmp = run_dir / f"step-{step}", run_dir / f".tmp-step-{step}"
     if env.is_main:
@@ -153,8 +157,10 @@ def save(run_dir, step: int, module, optimizer, trainer_state: dict, env: Env, k
     barrier(env)
     osd = get_optimizer_state_dict(module, optimizer)
     tensors = {"model": get_model_state_dict(module), "optim": osd["state"]}
-    dcp.save(tensors, checkpoint_id=tmp, no_dist=not env.distributed)
-    (tmp / f"rng-rank{env.rank}.json").write_text(json.dumps(rng_state()))
+    with warnings.catch_warnings():  # one process: DCP warns that it saves without a group, as intended
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(tensors, checkpoint_id=tmp, no_dist=not env.distributed)
+    (tmp / f"rank{env.rank}.json").write_text(json.dumps({**rank_state, "rng": rng_state()}))
     barrier(env)
     if env.is_main:
         state = {**trainer_state, "step": step, "world_size": env.world_size,
@@ -170,8 +176,8 @@ def save(run_dir, step: int, module, optimizer, trainer_state: dict, env: Env, k
     return final
 
 
-def load(path, module, optimizer, env: Env) -> dict:
-    """Restore module, optimizer and this rank's RNG from `path` in place; returns trainer_state.json."""
+def load(path, module, optimizer, env: Env) -> tuple[dict, dict]:
+    """Restore module, optimizer and this rank's RNG from `path` in place; returns (trainer_state, rank_state)."""
     path = Path(path)
     state_file = path / STATE_FILE
     if not state_file.exists():
@@ -181,19 +187,25 @@ def load(path, module, optimizer, env: Env) -> dict:
     msd = get_model_state_dict(module)
     osd = get_optimizer_state_dict(module, optimizer)  # creates the AdamW moments to load into
     tensors = {"model": msd, "optim": osd["state"]}
-    dcp.load(tensors, checkpoint_id=path, storage_reader=SafeReader(path), no_dist=not env.distributed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(tensors, checkpoint_id=path, storage_reader=SafeReader(path), no_dist=not env.distributed)
     set_model_state_dict(module, msd)
     groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in state["param_groups"]]
     set_optimizer_state_dict(module, optimizer, {"state": osd["state"], "param_groups": groups})
-    rng_file = path / f"rng-rank{env.rank}.json"
-    if rng_file.exists():  # absent when resuming on more ranks than saved: those start from the seed
-        set_rng_state(json.loads(rng_file.read_text()))
-    return state
+    rank_file = path / f"rank{env.rank}.json"
+    rank_state = {}
+    if rank_file.exists():  # absent when resuming on more ranks than saved: those start from the seed
+        rank_state = json.loads(rank_file.read_text())
+        set_rng_state(rank_state.pop("rng"))
+    return state, rank_state
 
 
 def load_model_only(path, module) -> None:
     """Model weights only (the `export` subcommand), in one process, into a plain module."""
     path = Path(path)
     msd = get_model_state_dict(module)
-    dcp.load({"model": msd}, checkpoint_id=path, storage_reader=SafeReader(path), no_dist=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"model": msd}, checkpoint_id=path, storage_reader=SafeReader(path), no_dist=True)
     set_model_state_dict(module, msd)

@@ -150,6 +150,10 @@ class CaptureConfig:
     out: str = _f("", "store directory to write (top-k ids and log-probs per loss position, plus the packed "
                       "data they key on)")
     batch_size: int = _f(8, "sequences per teacher forward")
+    rows_of: str = _f("", "phase 2: capture only the rows of this teacher (`reference` or `domain`; the data is "
+                          "then packed as dae packs it); empty: every row (phase 1)")
+    logprobs_dtype: str = _f("float16", "stored log-probability dtype: float16 or bfloat16")
+    block_samples: int = _f(64, "sequences per committed block (a restarted capture resumes after the last)")
 
 
 @dataclass
@@ -438,7 +442,13 @@ def validate(cfg: Config) -> None:
         _require(cfg.logging.every >= 1, f"logging.every={cfg.logging.every}; use at least 1")
     if sc == "capture":
         _require(bool(cfg.capture.out), "capture.out is missing; set --capture.out=<store directory to write>")
-        _require(cfg.capture.batch_size >= 1, f"capture.batch_size={cfg.capture.batch_size}; use at least 1")
+        c = cfg.capture
+        _require(c.batch_size >= 1 and c.block_samples >= 1, f"capture.batch_size={c.batch_size}, "
+                 f"capture.block_samples={c.block_samples}; use at least 1")
+        _require(c.rows_of in ("", "reference", "domain"), f"capture.rows_of={c.rows_of!r}; use reference, domain "
+                                                          f"or leave it empty")
+        _require(c.logprobs_dtype in ("float16", "bfloat16"),
+                 f"capture.logprobs_dtype={c.logprobs_dtype!r}; use float16 or bfloat16")
     if sc == "upcycle":
         u = cfg.upcycle
         _require(bool(u.out), "upcycle.out is missing; set --upcycle.out=<HF directory to write>")

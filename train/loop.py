@@ -67,18 +67,44 @@ def _model_args(path: str, what: str):
 
 
 def tokenizer_fingerprint(directory) -> str | None:
-    """What must agree between two tokenizers for their token ids to mean the same: the vocabulary and added
-    tokens of tokenizer.json (or the sentencepiece model's bytes). None when the directory holds neither."""
+    """What must agree between two tokenizers for their token ids to mean the same: the vocabulary, merges and
+    added tokens of tokenizer.json (or the sentencepiece model's bytes), not the file's formatting or the
+    library version that wrote it. None when the directory holds neither."""
     d = Path(directory)
     if (d / "tokenizer.json").is_file():
         tok = json.loads((d / "tokenizer.json").read_text())
         model = tok.get("model", {})
         vocab = model.get("vocab")
         added = sorted((t["id"], t["content"]) for t in tok.get("added_tokens", []))
-        return json.dumps([model.get("type"), vocab, added], sort_keys=True)
+        return json.dumps([model.get("type"), vocab, model.get("merges"), added], sort_keys=True)
     if (d / "tokenizer.model").is_file():
         return (d / "tokenizer.model").read_bytes().hex()
     return None
+
+
+def check_store(store: str, name: str, vocab_size: int, cfg: Config, tok_dir: str) -> None:
+    """A top-k store against the run, from its manifest.json alone."""
+    mf = Path(store) / "manifest.json"
+    if not mf.is_file():
+        raise ConfigError(f"teachers.{name}.store={store!r} is not a complete store (no manifest.json); run or "
+                          f"finish `train/main.py capture` first")
+    m = json.loads(mf.read_text())
+    checks = [("teacher vocab_size", m.get("vocab_size"), vocab_size, "a teacher of the student's tokenizer"),
+              ("k", m.get("k"), cfg.teachers.k, f"--teachers.k={m.get('k')}"),
+              ("seq_len", m.get("seq_len"), cfg.data.seq_len, f"--data.seq_len={m.get('seq_len')}")]
+    for what, theirs, mine, fix in checks:
+        if theirs != mine:
+            raise ConfigError(f"store {store}: {what} is {theirs}, this run has {mine}; fix: {fix}")
+    rows_of = m.get("rows_of")
+    if rows_of not in (None, name) and cfg.subcommand == "dae":
+        raise ConfigError(f"store {store} holds the rows of teacher {rows_of!r}, but is configured as teacher "
+                          f"{name!r}; swap the stores or capture with --capture.rows_of={name}")
+    teacher_dir = (m.get("teacher") or {}).get("path")
+    mine_fp = tokenizer_fingerprint(tok_dir)
+    theirs_fp = tokenizer_fingerprint(teacher_dir) if teacher_dir and Path(teacher_dir).is_dir() else None
+    if mine_fp is not None and theirs_fp is not None and mine_fp != theirs_fp:
+        raise ConfigError(f"store {store} was captured by a teacher ({teacher_dir}) with another tokenizer than "
+                          f"the student's ({tok_dir}); distil only between models of one tokenizer")
 
 
 def preflight(cfg: Config) -> dict:
@@ -100,9 +126,7 @@ def preflight(cfg: Config) -> dict:
     if sc != "sft":
         for name, spec in cfg.teachers.named.items():
             if spec.store:
-                if not Path(spec.store).is_dir():
-                    raise ConfigError(f"teachers.{name}.store={spec.store!r} not found; run `capture` first or "
-                                     f"fix the path")
+                check_store(spec.store, name, student.vocab_size, cfg, tok_dir)
                 continue
             t = teachers[name] = _model_args(spec.path, f"teachers.{name}.path")
             if t.vocab_size != student.vocab_size:
@@ -170,8 +194,8 @@ def head_loss(hidden_BTD, weight_VD, labels_BT, ids_BTK, logprobs_BTK, tau, kd_w
     loss function picks its own precisions (fp32 softmax statistics, fp32 dW accumulation)."""
     from kernels.kd_loss import linear_topk_kd_loss_chunked
     hidden_ND = hidden_BTD.reshape(-1, hidden_BTD.shape[-1])
-    K = ids_BTK.shape[-1]
-    args = (labels_BT.reshape(-1), ids_BTK.reshape(-1, K), logprobs_BTK.reshape(-1, K))
+    N, K = hidden_ND.shape[0], ids_BTK.shape[-1]
+    args = (labels_BT.reshape(N), ids_BTK.reshape(N, K), logprobs_BTK.reshape(N, K))  # K = 0 for sft
     if hidden_ND.is_cuda:
         hidden_ND, weight_VD = hidden_ND.to(torch.bfloat16), weight_VD.to(torch.bfloat16)
     fn = kernels.linear_topk_kd_loss if kernels.use_triton(hidden_ND) else linear_topk_kd_loss_chunked
@@ -234,9 +258,11 @@ def forward_backward(ctx: StepContext, batch, normalizer, last: bool) -> torch.T
     return stats
 
 
-def train_step(ctx: StepContext, micro_batches, lr: float, stop_requested: bool) -> dict:
+def train_step(ctx: StepContext, micro_batches, lr: float, stop=None) -> dict:
     """One optimizer step over this rank's micro-batches. Skips the update when the loss or the gradient is not
-    finite (every rank sees the same all-reduced values, so all skip together)."""
+    finite (every rank sees the same all-reduced values, so all skip together). `stop.requested` (a StopFlag)
+    is read after the backward and summed over ranks with the metrics: a signal on any rank during this step
+    stops every rank after it."""
     for group in ctx.optimizer.param_groups:
         group["lr"] = lr
     normalizer = global_loss_tokens(micro_batches, ctx.env)
@@ -244,7 +270,7 @@ def train_step(ctx: StepContext, micro_batches, lr: float, stop_requested: bool)
     for i, mb in enumerate(micro_batches):
         stats[:5] += forward_backward(ctx, mb, normalizer, last=i == len(micro_batches) - 1)
     ctx.check_ids = False
-    stats[5] = float(stop_requested)
+    stats[5] = float(stop is not None and stop.requested)
     parallel.all_reduce_sum(stats, ctx.env)
     grad_norm = clip_grad_norm(ctx.module, ctx.grad_clip)
     values = torch.cat([stats, grad_norm.reshape(1).to(stats), normalizer.reshape(1)]).tolist()  # host sync: 1/step
@@ -415,42 +441,39 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def build_data(cfg: Config, run_dir: Path, env: parallel.Env, out: Output):
-    """PackedDataset (built by rank 0, saved under run_dir/packed, mapped by every rank) and the Sampler.
+def build_packed(d, tokenizer_dir: str, teacher_names, cache_dir: Path, env: parallel.Env):
+    """The PackedDataset of `d` (a DataConfig): rank 0 tokenises and packs into `cache_dir` first, the other ranks
+    then read the same cache (train.data.prepare_packed is deterministic and keyed by content)."""
+    from train.data import PackedDataset, prepare_packed
+    if d.packed:
+        return PackedDataset.load(d.packed)
+    from transformers import AutoTokenizer
+    packed = None
+    for turn in (True, False):  # rank 0 first, then everyone else
+        if env.is_main == turn:
+            tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+            packed = prepare_packed(d.paths, tok, d.seq_len, teacher_names=teacher_names, cache_dir=str(cache_dir),
+                                    num_proc=d.num_proc, pad_id=d.pad_id)
+        parallel.barrier(env)
+    return packed
 
-    kd/sft: one teacher for all rows, so the rows' own teacher fields are dropped before packing. dae: rows
-    name `reference` or `domain` (or carry `domain: true/false`)."""
-    from train.data import PackedDataset, Sampler, load_rows, pack, tokenize_rows
+
+def build_data(cfg: Config, run_dir: Path, env: parallel.Env, out: Output):
+    """PackedDataset and Sampler. kd/sft: one teacher teaches every row, whatever teacher the rows name (all
+    packed teacher indices map to it). dae: rows name `reference` or `domain` (or carry `domain: true/false`)."""
+    from train.data import Sampler
     d = cfg.data
     dae = cfg.subcommand == "dae"
-    if d.packed:
-        packed = PackedDataset.load(d.packed)
-    else:
-        target = run_dir / "packed"
-        if env.is_main and not (target / "meta.json").exists():
-            from transformers import AutoTokenizer
-            tok = AutoTokenizer.from_pretrained(d.tokenizer or cfg.model.path)
-            names = ["reference", "domain"] if dae else None
-            rows = load_rows(d.paths, teacher_names=names, cache_dir=d.cache_dir or None)
-            if not dae and "teacher" in rows.column_names:
-                rows = rows.remove_columns("teacher")
-            tokenized = tokenize_rows(rows, tok, d.seq_len, num_proc=d.num_proc, cache_dir=d.cache_dir or None)
-            pad = d.pad_id if d.pad_id is not None else (tok.pad_token_id if tok.pad_token_id is not None
-                                                          else tok.eos_token_id)
-            packed = pack(tokenized, d.seq_len, teacher_names=names, pad_id=pad)
-            tmp = run_dir / ".tmp-packed"
-            shutil.rmtree(tmp, ignore_errors=True)
-            packed.save(tmp)
-            tmp.rename(target)
-            out.info(f"data: {json.dumps(packed.stats)}")
-        parallel.barrier(env)
-        packed = PackedDataset.load(target)
+    packed = build_packed(d, d.tokenizer or cfg.model.path, ["reference", "domain"] if dae else None,
+                          Path(d.cache_dir) if d.cache_dir else run_dir / "data", env)
+    out.info(f"data: {len(packed)} sequences of {packed.seq_len} tokens, teachers {packed.teacher_names}, "
+             f"stats {json.dumps(packed.stats)}")
     if packed.seq_len != d.seq_len:
         raise ConfigError(f"the packed data has seq_len {packed.seq_len}, data.seq_len is {d.seq_len}; set "
-                         f"--data.seq_len={packed.seq_len}")
+                          f"--data.seq_len={packed.seq_len}")
     if dae and "domain" not in packed.teacher_names:
-        raise ConfigError(f"dae: the data has no `domain` rows (teachers found: {packed.teacher_names}); mark domain "
-                         f"rows with \"teacher\": \"domain\" or \"domain\": true")
+        raise ConfigError(f"dae: the data has no `domain` rows (teachers found: {packed.teacher_names}); mark "
+                          f"domain rows with \"teacher\": \"domain\" or \"domain\": true")
     sampler = Sampler(packed, d.micro_batch * d.grad_accum, rank=env.rank, world_size=env.world_size,
                       seed=cfg.run.seed, domain_fraction=d.domain_fraction if dae else None)
     return packed, sampler
@@ -471,11 +494,9 @@ def build_teachers(cfg: Config, packed, env: parallel.Env):
     else:
         names = list(packed.teacher_names)
     dtype = None if t.dtype == "auto" else getattr(torch, t.dtype)
-    expected = {"fingerprint": packed.fingerprint}
-    try:
-        return build(specs, t.k, device=env.device, dtype=dtype, names=names, expected=expected)
-    except TypeError:  # a store reader without the `expected` keyword
-        return build(specs, t.k, device=env.device, dtype=dtype, names=names)
+    # Stores must be captured from exactly this packing; the tokenizer was compared by content in preflight.
+    expected = {"dataset_fingerprint": packed.fingerprint, "seq_len": packed.seq_len}
+    return build(specs, t.k, device=env.device, dtype=dtype, names=names, expected=expected)
 
 
 def decay_groups(module: nn.Module, weight_decay: float) -> list[dict]:
@@ -584,7 +605,7 @@ def _run(cfg: Config, env: parallel.Env, shapes: dict) -> Path:
 
     counters = {"skipped": 0, "bad_in_a_row": 0, "tokens": 0}
     if resume_from:
-        state = ckpt.load(resume_from, module, optimizer, env)
+        state, rank_state = ckpt.load(resume_from, module, optimizer, env)
         if state["sampler"]["global_batch"] != sampler.global_batch:
             raise ConfigError(f"{resume_from} was trained with a global batch of {state['sampler']['global_batch']} "
                              f"sequences, this run has {sampler.global_batch} (micro_batch x grad_accum x ranks); "
@@ -592,8 +613,7 @@ def _run(cfg: Config, env: parallel.Env, shapes: dict) -> Path:
         sampler.load_state_dict(state["sampler"])
         counters.update(state["counters"])
         if teachers is not None:
-            for k, v in state.get("rows_seen", {}).items():
-                teachers.rows_seen[k] = teachers.rows_seen.get(k, 0) + v
+            teachers.rows_seen.update(rank_state.get("rows_seen", {}))
 
     ctx = StepContext(module, optimizer, teachers, attn_teacher, env, o.grad_clip,
                       1.0 / (cfg.data.grad_accum * env.world_size), cfg.teachers.k)
@@ -607,9 +627,9 @@ def _run(cfg: Config, env: parallel.Env, shapes: dict) -> Path:
     stop = StopFlag()
 
     def save(step):
-        trainer_state = {"sampler": sampler.state_dict(), "counters": counters,
-                         "rows_seen": dict(teachers.rows_seen) if teachers is not None else {}}
-        path = ckpt.save(run_dir, step, module, optimizer, trainer_state, env, cfg.checkpoint.keep)
+        trainer_state = {"sampler": sampler.state_dict(), "counters": counters}
+        rank_state = {"rows_seen": dict(teachers.rows_seen) if teachers is not None else {}}
+        path = ckpt.save(run_dir, step, module, optimizer, trainer_state, rank_state, env, cfg.checkpoint.keep)
         out.info(f"checkpoint: {path}")
 
     step, stopped = start, False
@@ -619,7 +639,7 @@ def _run(cfg: Config, env: parallel.Env, shapes: dict) -> Path:
             idx = sampler.next_indices()
             micro = [packed.batch(chunk) for chunk in np.array_split(idx, cfg.data.grad_accum)]
             lr = lr_at(step, o.lr, cfg.schedule.warmup_steps, cfg.schedule.steps, cfg.schedule.min_lr_ratio)
-            s = train_step(ctx, micro, lr, stop.requested)
+            s = train_step(ctx, micro, lr, stop)
             step += 1
             counters["tokens"] += seq_tokens
             if s["finite"]:
@@ -629,10 +649,6 @@ def _run(cfg: Config, env: parallel.Env, shapes: dict) -> Path:
                 counters["bad_in_a_row"] += 1
                 out.info(f"step {step}: non-finite loss {s['loss']} or grad norm {s['grad_norm']}: update skipped "
                          f"({counters['bad_in_a_row']} in a row, {counters['skipped']} in total)")
-                if counters["bad_in_a_row"] >= o.max_bad_steps:
-                    raise RuntimeError(f"{counters['bad_in_a_row']} non-finite steps in a row (optim.max_bad_steps="
-                                       f"{o.max_bad_steps}); stopping with the last checkpoint intact. Lower "
-                                       f"optim.lr, check the data, or resume from the checkpoint")
             dt = time.perf_counter() - t0
             n = s["n_tokens"]
             out.step(step, {
@@ -643,6 +659,10 @@ def _run(cfg: Config, env: parallel.Env, shapes: dict) -> Path:
                 "skipped": counters["skipped"], "peak_mem_gb": peak_memory_gb(env.device),
                 "mfu": step_flops / dt / flops if flops else None,
             }, force=step == cfg.schedule.steps)
+            if counters["bad_in_a_row"] >= o.max_bad_steps:
+                raise RuntimeError(f"{counters['bad_in_a_row']} non-finite steps in a row (optim.max_bad_steps="
+                                   f"{o.max_bad_steps}); stopping with the last checkpoint intact. Lower optim.lr, "
+                                   f"check the data, or resume from the checkpoint")
             if s["stop"] > 0:
                 out.info(f"signal received: saving at step {step} and exiting")
                 save(step)
@@ -659,9 +679,16 @@ def _run(cfg: Config, env: parallel.Env, shapes: dict) -> Path:
             export_student(module, run_dir / "final", env, cfg.data.tokenizer or cfg.model.path, strategy)
             out.info(f"final student: {run_dir / 'final'}")
         if teachers is not None:
-            out.info(f"teacher rows: {dict(teachers.rows_seen)}")
+            out.info(f"rows per teacher (all ranks): {global_rows_seen(teachers, env)}")
     out.close(cfg.logging.plot)
     return run_dir
+
+
+def global_rows_seen(teachers, env: parallel.Env) -> dict[str, int]:
+    names = sorted(teachers.rows_seen)
+    counts = torch.tensor([teachers.rows_seen[n] for n in names], dtype=torch.long, device=env.device)
+    parallel.all_reduce_sum(counts, env)
+    return dict(zip(names, counts.tolist()))
 
 
 def _resume_point(cfg: Config, run_dir: Path) -> Path | None:

@@ -123,8 +123,30 @@ def _is_rank0() -> bool:
 
 
 def capture(cfg) -> None:
+    """One teacher over the packed data, once; each rank writes its share of the store (train/store.py)."""
+    import torch
+
+    from train import parallel
+    from train.config import ConfigError
+    from train.loop import _model_args, build_packed
     from train.store import run_capture
-    run_capture(cfg)
+    (name, spec), = cfg.teachers.named.items()
+    _model_args(spec.path, f"teachers.{name}.path")
+    c, d = cfg.capture, cfg.data
+    tok_dir = d.tokenizer or spec.path
+    if d.paths and not any((Path(tok_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        raise ConfigError(f"no tokenizer in {tok_dir!r}; set --data.tokenizer=<the student's tokenizer directory>")
+    env = parallel.init_distributed(cfg.run.device, cfg.parallel.timeout_s)
+    try:
+        cache = Path(d.cache_dir) if d.cache_dir else Path(c.out).with_name(Path(c.out).name + ".data")
+        packed = build_packed(d, tok_dir, ["reference", "domain"] if c.rows_of else None, cache, env)
+        dtype = None if cfg.teachers.dtype == "auto" else getattr(torch, cfg.teachers.dtype)
+        run_capture(spec.path, packed, c.out, cfg.teachers.k, c.batch_size, rank=env.rank,
+                    world_size=env.world_size, dtype=c.logprobs_dtype, teacher=c.rows_of or None,
+                    tokenizer_path=tok_dir, device=env.device, compute_dtype=dtype, shard=spec.shard,
+                    block_samples=c.block_samples)
+    finally:
+        parallel.shutdown(env)
 
 
 def upcycle(cfg) -> None:

@@ -129,7 +129,7 @@ def parallelize(module: nn.Module, blocks: nn.ModuleList, *, strategy: str, acti
     elif strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
         module = DDP(module, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                     broadcast_buffers=False, gradient_as_bucket_view=True)
+                     gradient_as_bucket_view=True)
     else:
         assert strategy == "none", strategy
     return module
