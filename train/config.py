@@ -32,11 +32,13 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key and the fix (the CLI prints it, no trace)."""
 
 
-def _f(default, help: str, **kw):
-    """A dataclass field with a help text (shown in --help and as the comment in configs/*.toml)."""
+def _f(default, help: str, example=None):
+    """A dataclass field with a help text (shown in --help and as the comment in configs/*.toml); optional
+    keys (default None) carry an example value for the commented-out line of the example files."""
+    meta = {"help": help, "example": example}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -60,18 +62,19 @@ class ModelConfig:
 class DataConfig:
     paths: list[str] = _f([], "chat rows: JSONL / JSON / parquet files or save_to_disk directories "
                               "(`messages`, optional `teacher` or `domain` per row)")
-    packed: str = _f("", "instead of `paths`: a PackedDataset directory (e.g. the one `capture` wrote next to "
-                         "its store; offline teachers need exactly the packing they were captured on)")
+    packed: str = _f("", "instead of `paths`: a directory written by train.data.PackedDataset.save (offline "
+                         "teachers need exactly the packing their store was captured on)")
     tokenizer: str = _f("", "tokenizer directory; empty: model.path")
     seq_len: int = _f(2048, "tokens per packed sequence")
     micro_batch: int = _f(1, "sequences per rank per forward/backward")
     grad_accum: int = _f(1, "micro-batches per optimizer step; global batch = micro_batch * grad_accum * ranks")
     domain_fraction: float | None = _f(None, "dae: fraction of sequences drawn from `domain` rows (the paper "
-                                             "used ~0.1); leave out for the dataset's own mix")
+                                             "used ~0.1); leave out for the dataset's own mix", example=0.1)
     pad_id: int | None = _f(None, "an EXISTING token id used for padding (label -100); leave out: the "
-                                  "tokenizer's pad, else eos")
-    cache_dir: str = _f("", "datasets cache for tokenisation; empty: the datasets default")
-    num_proc: int | None = _f(None, "tokenisation processes; leave out: automatic")
+                                  "tokenizer's pad, else eos", example=2)
+    cache_dir: str = _f("", "cache of the tokenised and packed data (reused by resumed and later runs); empty: "
+                            "run_dir/data (capture: <capture.out>.data)")
+    num_proc: int | None = _f(None, "tokenisation processes; leave out: automatic", example=8)
 
 
 @dataclass
@@ -98,7 +101,7 @@ class LossConfig:
     attn_weight: float = _f(0.0, "weight of the attention-transfer term (kd with an online teacher of the same "
                                  "layers and heads only); 0 = off")
     aux_coef: float | None = _f(None, "MoE students: weight of the load-balancing loss; leave out: the "
-                                      "student's router_aux_loss_coef")
+                                      "student's router_aux_loss_coef", example=0.02)
 
 
 @dataclass
@@ -142,7 +145,8 @@ class LoggingConfig:
     every: int = _f(10, "one log line and metrics.jsonl record every N steps")
     progress: bool = _f(True, "tqdm progress bar on rank 0 (when tqdm is installed)")
     plot: bool = _f(True, "loss_curve.png at the end (when matplotlib is installed)")
-    peak_tflops: float | None = _f(None, "accelerator peak bf16 TFLOP/s for MFU; leave out: from the GPU name")
+    peak_tflops: float | None = _f(None, "accelerator peak bf16 TFLOP/s for MFU; leave out: from the GPU name",
+                                   example=989.0)
 
 
 @dataclass
@@ -425,7 +429,7 @@ def validate(cfg: Config) -> None:
     if "schedule" in cfg.sections:
         s = cfg.schedule
         _require(s.steps >= 1, f"schedule.steps={s.steps}; use at least 1")
-        _require(0 <= s.warmup_steps <= s.steps, f"schedule.warmup_steps={s.warmup_steps}; use 0..schedule.steps")
+        _require(0 <= s.warmup_steps <= s.steps, f"schedule.warmup_steps={s.warmup_steps}; use 0..schedule.steps (= {s.steps})")
         _require(0 <= s.min_lr_ratio <= 1, f"schedule.min_lr_ratio={s.min_lr_ratio}; use a value in [0, 1]")
     if "parallel" in cfg.sections:
         _require(cfg.parallel.strategy in ("auto", "fsdp", "ddp", "none"),
@@ -510,3 +514,34 @@ def describe(subcommand: str) -> str:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             out.append(f"  --{s}.{f.name}={default!r:<10} ({_type_name(hints[f.name])})  {f.metadata['help']}")
     return "\n".join(out)
+
+
+def example_toml(subcommand: str, values: dict, header: str = "") -> str:
+    """A TOML file for `subcommand` holding every key it reads, each with its help text as a comment: `values`
+    ({"section.key": value}, teachers as "teachers.<name>.path") set keys; the rest show their defaults, and
+    optional keys without a value are written commented out."""
+    import textwrap
+    lines = [f"# {x}" if x else "#" for x in header.strip().splitlines()] + [""] if header else []
+    for s in SECTIONS[subcommand]:
+        cls = SECTION_TYPES[s]
+        lines.append(f"[{s}]")
+        for f in dataclasses.fields(cls):
+            if f.name == "named":
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            value = values.get(f"{s}.{f.name}", default)
+            for c in textwrap.wrap(f.metadata["help"], 108):
+                lines.append(f"# {c}")
+            lines.append(f"# {f.name} = {_toml_value(f.metadata['example'])}" if value is None
+                         else f"{f.name} = {_toml_value(value)}")
+        if s == "teachers":
+            names = sorted({k.split(".")[1] for k in values if k.startswith("teachers.") and k.count(".") == 2})
+            for name in names:
+                lines += ["", f"[teachers.{name}]"]
+                for f in dataclasses.fields(TeacherConfig):
+                    value = values.get(f"teachers.{name}.{f.name}", f.default)
+                    for c in textwrap.wrap(f.metadata["help"], 108):
+                        lines.append(f"# {c}")
+                    lines.append(f"# {f.name} = \"...\"" if value == "" else f"{f.name} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
