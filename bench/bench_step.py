@@ -35,7 +35,8 @@ Reported per variant, one table row each, plus a ratio row (ours / HF):
 On a CPU the scale is tiny and only the ratios mean anything; the GPU figures are reported missing. There both
 processes stay alive and their steps alternate, one torch thread each (see `child` and `measure`): run one after
 the other with 2 threads each, the tok/s ratio swung between 0.5x and 4.4x from run to run on a shared 2-core host
-(load 4-5); alternated single-threaded steps gave 2.04x-2.09x in six runs. Timings are never asserted.
+(load 4-5); alternated single-threaded steps gave 2.04x-2.09x in six runs at load < 1 and 2.42x at load 3.9.
+Timings are never asserted.
 Usage: .venv/bin/python bench/bench_step.py [--scale tiny|gpu] [--steps N] [--batch B] [--seq-len T]
 """
 import argparse
