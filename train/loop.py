@@ -537,7 +537,8 @@ def copy_tokenizer(src, dst: Path) -> None:
 
 
 class StopFlag:
-    """SIGTERM / SIGINT: finish the current step, save, exit 0 (handlers only in the main thread)."""
+    """SIGTERM / SIGINT: finish the current step, save, exit 0; a second signal stops at once. Handlers can only
+    be installed from the main thread (elsewhere, e.g. a notebook worker thread, signals keep their default)."""
 
     def __init__(self):
         self.requested = False
@@ -547,6 +548,9 @@ class StopFlag:
                 self._old[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        if self.requested:  # a second signal: stop now, the default way (no checkpoint)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
         self.requested = True
 
     def restore(self):
