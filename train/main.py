@@ -26,7 +26,7 @@ COMMANDS = {
 
 USAGE = """usage: torchrun --nproc_per_node N train/main.py SUBCOMMAND [--config FILE.toml] [--resume auto]
                                                    [--section.key=value ...]
-       python train/main.py                 (no arguments: the demo)
+       python train/main.py [--quick ...]   (no subcommand: the demo; `--quick --help` for its flags)
        python train/main.py SUBCOMMAND --help   (every key of that subcommand)
 
 subcommands:
@@ -64,12 +64,13 @@ def parse(argv: list[str]):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv:
+    if not argv or (argv[0].startswith("--") and argv[0] != "--help"
+                    and not argv[0].startswith(("--config", "--resume"))):  # the demo, with its own flags
         if importlib.util.find_spec("train.demo") is None:
             print("The demo (train/demo.py) is not in this checkout yet. Run a subcommand instead:\n\n" + USAGE)
             return 0
         from train import demo
-        return demo.main([]) or 0
+        return demo.main(argv) or 0
     if argv[0] == "eval":
         if importlib.util.find_spec("train.eval") is None:
             print("train/eval.py is not in this checkout; `eval` is unavailable", file=sys.stderr)
