@@ -16,8 +16,9 @@ from model import ModelArgs, Transformer, save_hf
 from train.data import PackedDataset
 from train.store import StoreReader, expected_for, ids_dtype, run_capture, tokenizer_sha256
 from train.teacher import IGNORE_INDEX, OnlineTeacher, TeacherSpec, build_teachers
+from test_teacher import L, V, _packed as packed_rows  # one layout of packed test rows for both files
 
-V, L, K = 211, 24, 8
+K = 8
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -31,22 +32,7 @@ def _teacher_dir(path, seed: int, vocab_size: int = V):
 
 
 def _packed(S: int, teacher_S=None, names=("reference", "domain"), seed: int = 0) -> PackedDataset:
-    """S rows of two documents each (prompt, then answer with loss), padded tails, as `pack` lays them out."""
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(3, V, (S, L)).astype(np.int32)
-    labels = np.full((S, L), IGNORE_INDEX, np.int32)
-    positions = np.zeros((S, L), np.int32)
-    doc_ids = np.full((S, L), -1, np.int32)
-    for s in range(S):
-        cut, end = int(rng.integers(6, 12)), int(rng.integers(16, L + 1))
-        for d, (a, b) in enumerate(((0, cut), (cut, end))):
-            positions[s, a:b] = np.arange(b - a)
-            doc_ids[s, a:b] = 2 * s + d
-            answer = a + (b - a) // 2
-            labels[s, answer:b - 1] = tokens[s, answer + 1:b]
-        positions[s, end:] = np.arange(L - end)
-    teacher_S = np.zeros(S, np.int32) if teacher_S is None else np.asarray(teacher_S, np.int32)
-    return PackedDataset(tokens, labels, positions, doc_ids, teacher_S, list(names), L, 0, {})
+    return packed_rows(S, np.zeros(S, np.int32) if teacher_S is None else teacher_S, names, seed)
 
 
 def _assert_fp16_close(stored, online):
