@@ -470,6 +470,14 @@ def test_bad_configs_fail_early(world, tmp_path, no_heavy_work):
     with pytest.raises(ConfigError, match="k is 16.*--teachers.k=16"):
         L.run(cfg_for(world, tmp_path / "run", **{"teachers.teacher.path": None,
                                                   "teachers.teacher.store": str(store)}))
+    from train.store import tokenizer_sha256
+    k_run = make_config("kd", None, base_overrides(world, tmp_path)).teachers.k
+    manifest = {"vocab_size": world["vocab"], "k": k_run, "seq_len": 64,
+                "tokenizer_sha256": tokenizer_sha256(other_tok_dir)}
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="another tokenizer"):
+        L.run(cfg_for(world, tmp_path / "run", **{"teachers.teacher.path": None,
+                                                  "teachers.teacher.store": str(store)}))
 
 
 def test_cli_help_and_errors(capsys):

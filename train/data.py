@@ -892,3 +892,21 @@ def sequential_batches(packed: PackedDataset, batch_size: int, rank: int = 0,
     mine = np.arange(rank, len(packed), world_size, dtype=np.int64)
     for start in range(0, len(mine), batch_size):
         yield packed.batch(mine[start:start + batch_size])
+
+
+def tokenizer_fingerprint(directory) -> str | None:
+    """What must agree between two tokenizers for their token ids to mean the same: the vocabulary, merges and
+    added tokens of tokenizer.json (or the sentencepiece model's bytes), not the file's formatting or the
+    library version that wrote it. None when the directory holds neither."""
+    d = Path(directory)
+    if (d / "tokenizer.json").is_file():
+        tok = json.loads((d / "tokenizer.json").read_text())
+        model = tok.get("model")
+        if not isinstance(model, dict):  # not a `tokenizers` file we can read semantically: its bytes decide
+            return (d / "tokenizer.json").read_bytes().hex()
+        vocab = model.get("vocab")
+        added = sorted((t["id"], t["content"]) for t in tok.get("added_tokens", []))
+        return json.dumps([model.get("type"), vocab, model.get("merges"), added], sort_keys=True)
+    if (d / "tokenizer.model").is_file():
+        return (d / "tokenizer.model").read_bytes().hex()
+    return None

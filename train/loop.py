@@ -46,6 +46,8 @@ from train import checkpoint as ckpt
 from train import parallel
 from train.attn_loss import attention_kl_sum, check_compatible
 from train.config import Config, ConfigError, write_resolved
+from train.data import tokenizer_fingerprint
+from train.store import tokenizer_sha256
 
 IGNORE = -100
 TRAIN_SUBCOMMANDS = ("kd", "dae", "sft")
@@ -66,22 +68,6 @@ def _model_args(path: str, what: str):
     return args_from_config(json.loads(cfg_file.read_text()), where=str(cfg_file))
 
 
-def tokenizer_fingerprint(directory) -> str | None:
-    """What must agree between two tokenizers for their token ids to mean the same: the vocabulary, merges and
-    added tokens of tokenizer.json (or the sentencepiece model's bytes), not the file's formatting or the
-    library version that wrote it. None when the directory holds neither."""
-    d = Path(directory)
-    if (d / "tokenizer.json").is_file():
-        tok = json.loads((d / "tokenizer.json").read_text())
-        model = tok.get("model", {})
-        vocab = model.get("vocab")
-        added = sorted((t["id"], t["content"]) for t in tok.get("added_tokens", []))
-        return json.dumps([model.get("type"), vocab, model.get("merges"), added], sort_keys=True)
-    if (d / "tokenizer.model").is_file():
-        return (d / "tokenizer.model").read_bytes().hex()
-    return None
-
-
 def check_store(store: str, name: str, vocab_size: int, cfg: Config, tok_dir: str) -> None:
     """A top-k store against the run, from its manifest.json alone."""
     mf = Path(store) / "manifest.json"
@@ -99,12 +85,11 @@ def check_store(store: str, name: str, vocab_size: int, cfg: Config, tok_dir: st
     if rows_of not in (None, name) and cfg.subcommand == "dae":
         raise ConfigError(f"store {store} holds the rows of teacher {rows_of!r}, but is configured as teacher "
                           f"{name!r}; swap the stores or capture with --capture.rows_of={name}")
-    teacher_dir = (m.get("teacher") or {}).get("path")
-    mine_fp = tokenizer_fingerprint(tok_dir)
-    theirs_fp = tokenizer_fingerprint(teacher_dir) if teacher_dir and Path(teacher_dir).is_dir() else None
-    if mine_fp is not None and theirs_fp is not None and mine_fp != theirs_fp:
-        raise ConfigError(f"store {store} was captured by a teacher ({teacher_dir}) with another tokenizer than "
-                          f"the student's ({tok_dir}); distil only between models of one tokenizer")
+    theirs_tok, mine_tok = m.get("tokenizer_sha256"), tokenizer_sha256(tok_dir)
+    if theirs_tok is not None and mine_tok is not None and theirs_tok != mine_tok:
+        raise ConfigError(f"store {store} was captured with another tokenizer than the student's ({tok_dir}): "
+                          f"tokenizer_sha256 is {theirs_tok[:12]}.. in the store, {mine_tok[:12]}.. here; distil only "
+                          "between models of one tokenizer")
 
 
 def preflight(cfg: Config) -> dict:

@@ -33,15 +33,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from train.data import tokenizer_fingerprint
 from train.teacher import (IGNORE_INDEX, OnlineTeacher, TopK, collective_device, default_dtype, dense_topk,
                            loss_positions)
 
 FORMAT = "topk-store-v1"
 LOGPROB_DTYPES = ("float16", "bfloat16")
-# Files of an HF directory that define the tokenizer (never the weights).
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Identity: hashes of the teacher, the tokenizer and the capture's settings
@@ -81,17 +78,11 @@ def weights_quick_hash(model_dir) -> str:
 
 
 def tokenizer_sha256(tokenizer_dir) -> str | None:
-    """sha256 over the tokenizer files of a directory (names and bytes; see _TOKENIZER_FILES), None when it holds
-    none. The trainer computes the same hash for its tokenizer and passes it as expected['tokenizer_sha256']."""
-    d = Path(tokenizer_dir)
-    files = [d / n for n in _TOKENIZER_FILES if (d / n).is_file()]
-    if not files:
-        return None
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f"{f.name}:{f.stat().st_size}:".encode())
-        _sha256_file(f, h)
-    return h.hexdigest()
+    """sha256 of the tokenizer's content (train.data.tokenizer_fingerprint: vocabulary, merges, added tokens; not
+    file formatting or the library version that wrote it), None when the directory holds no tokenizer. The
+    trainer computes the same hash for the student's tokenizer and refuses a store whose hash differs."""
+    fp = tokenizer_fingerprint(tokenizer_dir)
+    return None if fp is None else hashlib.sha256(fp.encode()).hexdigest()
 
 
 def ids_dtype(vocab_size: int) -> np.dtype:
