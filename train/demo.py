@@ -1,0 +1,546 @@
+"""The embedded demo: the paper's whole pipeline, and its claims, in miniature, on 2 CPU cores.
+
+    python train/main.py                      # (no arguments) the full demo into runs/demo
+    python train/demo.py --quick              # reduced, < 3 min: for CI and a first look (runs/demo-quick)
+    python train/demo.py --seeds 0,1,2        # students, DAE and evaluation repeated per seed: mean +- std
+
+Stages (each prints progress, each is cached in its own directory under --out, keyed on its configuration and
+on the keys of the stages it reads, so a second run reuses the teacher and whatever else did not change):
+  data          a synthetic instruction corpus with checkable answers (9 general task families + a product
+                catalogue domain family) and a byte-level BPE tokenizer trained on it (train/demo_data.py)
+  teacher       a tiny Mixtral (MoE, 4 experts, top-2) trained from scratch (`sft`) on every general row
+  domain_expert the teacher fine-tuned (`sft`) on the catalogue rows
+  seed-S/init   the students' common initialisation (dense Mistral), and its MoE upcycling (2 experts, top-2)
+  seed-S/sft    baseline, lambda = 0            } all four: the same init, the same subset of the teacher's
+  seed-S/kd     KD from the teacher, lambda = 1 } general rows (the instruction budget), the same steps,
+  seed-S/kd_attn  KD + attention transfer       } batch and learning-rate schedule
+  seed-S/kd_moe   KD into the upcycled MoE      }
+  seed-S/dae    DAE on the KD student: reference = teacher, domain = domain expert, ~10 % domain sequences
+then every model is evaluated (train/eval.py) and one table is printed; report.md, family_accuracy.png,
+loss_curves.png and summary.json are written to --out; every model is an HF directory (`final/`).
+
+The claims (C1-C4 of the issue) are judged on general accuracy (domain accuracy for C4's first half) against a
+spread: with several seeds the standard deviation over seeds of the paired difference; with one seed the
+paired standard error of the difference over the held-out turns (evaluation noise only, a lower bound of the
+seed spread; the table says which). Nothing here is tuned to make a claim hold.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+_VERSION = "demo-v1"  # bump when a stage's semantics change: invalidates every cached stage
+
+STUDENTS = ("sft", "kd", "kd_attn", "kd_moe")
+MODELS = ("teacher", "domain_expert") + STUDENTS + ("dae",)
+LABELS = {"teacher": "teacher (MoE 4x, top-2)", "domain_expert": "domain expert", "sft": "SFT student",
+          "kd": "KD student", "kd_attn": "KD + attn student", "kd_moe": "KD MoE 2x student",
+          "dae": "DAE (KD student)"}
+
+
+@dataclass
+class Arch:
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    hidden_dim: int
+    experts: int = 0          # 0 = dense
+    top_k: int = 2
+
+
+@dataclass
+class DemoSize:
+    """Everything the stages depend on. Sized by measurement on 2 CPU cores (see the README for the times)."""
+    n_train: int
+    n_eval: int
+    vocab_size: int
+    teacher: Arch
+    student: Arch
+    moe_student_experts: int
+    seq_len: int
+    batch: int                 # packed sequences of seq_len tokens per optimizer step
+    teacher_steps: int
+    teacher_lr: float
+    expert_steps: int
+    expert_lr: float
+    student_fraction: float    # share of the teacher's general rows the students may use (the budget)
+    student_steps: int
+    student_lr: float
+    dae_steps: int
+    dae_lr: float
+    domain_fraction: float
+    kd_top_k: int
+    attn_weight: float
+    warmup: int
+    data_seed: int = 0
+
+
+TEACHER = Arch(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=256, experts=4, top_k=2)
+STUDENT = Arch(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128)
+
+FULL = DemoSize(n_train=60000, n_eval=1000, vocab_size=1000, teacher=TEACHER, student=STUDENT,
+                moe_student_experts=2, seq_len=128, batch=16, teacher_steps=2000, teacher_lr=3e-3,
+                expert_steps=300, expert_lr=1e-3, student_fraction=0.25, student_steps=800, student_lr=3e-3,
+                dae_steps=300, dae_lr=1e-3, domain_fraction=0.1, kd_top_k=64, attn_weight=1.0, warmup=50)
+QUICK = replace(FULL, n_train=6000, n_eval=300, teacher_steps=250, expert_steps=60, student_steps=120,
+                dae_steps=60, warmup=20)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Stage cache
+
+
+class Pipeline:
+    """Runs stages in order; a stage whose directory holds a marker with the same key is reused."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.t0 = time.perf_counter()
+        self.times: dict[str, float] = {}
+        self.cached: list[str] = []
+
+    def log(self, msg: str) -> None:
+        print(f"[demo {time.perf_counter() - self.t0:6.0f}s] {msg}", flush=True)
+
+    def stage(self, name: str, config: dict, build) -> tuple[Path, str]:
+        """(stage directory, key). `build(directory)` makes the stage's content; it runs only on a cache miss."""
+        key = hashlib.sha256(json.dumps({"v": _VERSION, **config}, sort_keys=True, default=str).encode()
+                             ).hexdigest()[:16]
+        d = self.out / name
+        marker = d / "stage.json"
+        if marker.exists() and json.loads(marker.read_text()).get("key") == key:
+            self.log(f"{name}: cached ({d})")
+            self.cached.append(name)
+            self.times[name] = json.loads(marker.read_text()).get("seconds", 0.0)
+            return d, key
+        if d.exists():
+            shutil.rmtree(d)
+        d.mkdir(parents=True)
+        self.log(f"{name}: building")
+        t = time.perf_counter()
+        build(d)
+        seconds = time.perf_counter() - t
+        marker.write_text(json.dumps({"key": key, "seconds": seconds, "config": config}, indent=1, default=str))
+        self.times[name] = seconds
+        self.log(f"{name}: done in {seconds:.0f}s")
+        return d, key
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Stages
+
+
+def _write_jsonl(path: Path, rows) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def build_data(d: Path, size: DemoSize) -> None:
+    """Corpus, tokenizer, and the row files each stage trains on (all subsets of train.jsonl)."""
+    from train.demo_data import generate_corpus, train_tokenizer
+    paths = generate_corpus(size.data_seed, d, size.n_train, size.n_eval)
+    train_tokenizer([paths["train"]], d / "tokenizer", vocab_size=size.vocab_size, seed=size.data_seed)
+    rows = [json.loads(line) for line in open(paths["train"], encoding="utf-8")]
+    general = [r for r in rows if not r["domain"]]
+    domain = [r for r in rows if r["domain"]]
+    _write_jsonl(d / "general.jsonl", general)      # the teacher's data
+    _write_jsonl(d / "domain.jsonl", domain)        # the domain expert's data, and DAE's domain rows
+    # The students' budget: the first share of the teacher's rows (the corpus is shuffled already).
+    _write_jsonl(d / "student.jsonl", general[:round(size.student_fraction * len(general))])
+    (d / "counts.json").write_text(json.dumps({"general": len(general), "domain": len(domain),
+                                               "student": round(size.student_fraction * len(general))}))
+
+
+def _model_args(arch: Arch, vocab: int, seq_len: int):
+    from model import ModelArgs, MoEArgs
+    return ModelArgs(dim=arch.dim, n_layers=arch.n_layers, n_heads=arch.n_heads, n_kv_heads=arch.n_kv_heads,
+                     head_dim=arch.head_dim, hidden_dim=arch.hidden_dim, vocab_size=vocab, rope_theta=10000.0,
+                     max_position_embeddings=2 * seq_len,
+                     moe=MoEArgs(arch.experts, arch.top_k) if arch.experts else None)
+
+
+def build_init(d: Path, arch: Arch, size: DemoSize, tokenizer_dir: Path, seed: int, upcycle_to: int = 0) -> None:
+    """A fresh model (N(0, 0.02), seeded) as an HF directory; with upcycle_to, also its MoE upcycling."""
+    from transformers import AutoTokenizer
+
+    from model import Transformer, save_hf, upcycle
+    from train.loop import copy_tokenizer
+    vocab = len(AutoTokenizer.from_pretrained(str(tokenizer_dir)))
+    model = Transformer(_model_args(arch, vocab, size.seq_len))
+    model.init_weights(std=0.02, generator=torch.Generator().manual_seed(seed))
+    save_hf(model, d / "dense")
+    copy_tokenizer(tokenizer_dir, d / "dense")
+    if upcycle_to:
+        moe = upcycle(model, upcycle_to, top_k=min(2, upcycle_to), seed=seed)
+        save_hf(moe, d / "moe")
+        copy_tokenizer(tokenizer_dir, d / "moe")
+
+
+def train_run(d: Path, sub: str, model_path: Path, data: list, tokenizer_dir: Path, size: DemoSize, steps: int,
+              lr: float, seed: int, teachers: dict | None = None, attn_weight: float = 0.0,
+              domain_fraction: float | None = None, cache_dir: Path | None = None) -> None:
+    """One `sft` / `kd` / `dae` run of the trainer, in-process, into d (final/ is the model)."""
+    from train.config import make_config
+    from train.loop import run
+    overrides = [f"run.dir={d}", f"run.seed={seed}", "run.device=cpu", f"model.path={model_path}",
+                 "data.paths=" + ",".join(str(p) for p in data), f"data.tokenizer={tokenizer_dir}",
+                 f"data.seq_len={size.seq_len}", f"data.micro_batch={size.batch}", "data.grad_accum=1",
+                 f"optim.lr={lr}", "optim.weight_decay=0.0", f"schedule.steps={steps}",
+                 f"schedule.warmup_steps={min(size.warmup, steps)}", "parallel.strategy=none",
+                 "checkpoint.every=0", f"logging.every={max(1, steps // 10)}"]
+    if cache_dir is not None:
+        overrides.append(f"data.cache_dir={cache_dir}")
+    if sub != "sft":
+        overrides += [f"teachers.k={size.kd_top_k}", "teachers.dtype=float32", "loss.kd_weight=1.0",
+                      "loss.tau=1.0"]
+        overrides += [f"teachers.{name}.path={path}" for name, path in (teachers or {}).items()]
+    if attn_weight:
+        overrides.append(f"loss.attn_weight={attn_weight}")
+    if domain_fraction is not None:
+        overrides.append(f"data.domain_fraction={domain_fraction}")
+    run(make_config(sub, None, overrides))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Claims
+
+
+def _paired_se(a: list, b: list) -> float:
+    """Standard error of mean(a) - mean(b) for two models scored on the same turns (paired: per-turn
+    differences), i.e. the evaluation's own sampling noise."""
+    d = [float(x) - float(y) for x, y in zip(a, b, strict=True)]
+    return statistics.pstdev(d) / math.sqrt(len(d)) if len(d) > 1 else 0.0
+
+
+def _mean(xs):
+    return sum(xs) / len(xs)
+
+
+def judge_claims(per_seed: list, per_seed_correct: list, is_domain: list) -> list:
+    """per_seed: one {model: metrics} per seed; per_seed_correct: one {model: [bool per turn]} per seed;
+    is_domain: per turn. Returns one dict per claim (statement, numbers, spread, verdict).
+
+    Spread: with >= 2 seeds the standard deviation over seeds of the paired difference; with one seed the
+    paired standard error of the difference over the held-out turns of the metric's split (evaluation noise
+    only: a lower bound of the seed spread)."""
+    out = []
+
+    def compare(a, b, key):
+        ds = [r[a][key] - r[b][key] for r in per_seed]
+        if len(ds) >= 2:
+            return _mean(ds), statistics.stdev(ds), statistics.stdev(ds), "seed std"
+        sel = [i for i, dom in enumerate(is_domain) if dom == (key == "domain")]
+        c = per_seed_correct[0]
+        return ds[0], None, _paired_se([c[a][i] for i in sel], [c[b][i] for i in sel]), "paired s.e."
+
+    def record(claim, text, a, b, key, verdict_of):
+        m, std, s, kind = compare(a, b, key)
+        verdict = verdict_of(m, s)
+        out.append({"claim": claim, "text": text, "metric": f"{key}: {a} - {b}", "mean": m, "std": std,
+                    "spread": s, "spread_kind": kind, "seeds": len(per_seed), "verdict": verdict})
+        return verdict
+
+    def beats(m, s):
+        return "held" if m > s else "not shown (gain within spread)" if m > 0 else "did not hold"
+
+    def no_harm(m, s):
+        return "held (helps)" if m > s else "held (no harm)" if m >= -s else "did not hold (hurts)"
+
+    record("C1", "KD student beats SFT student at equal budget", "kd", "sft", "general", beats)
+    record("C2", "attention term helps or does not hurt", "kd_attn", "kd", "general", no_harm)
+    record("C3", "the larger (MoE) student gains more", "kd_moe", "kd", "general", beats)
+    v_dom = record("C4a", "DAE raises domain accuracy", "dae", "kd", "domain", beats)
+    v_gen = record("C4b", "DAE keeps general accuracy (not below the spread)", "dae", "kd", "general",
+                   lambda m, s: "held" if m >= -s else "did not hold")
+    out.append({"claim": "C4", "text": "DAE: domain up, general within spread", "metric": "C4a and C4b",
+                "mean": None, "std": None, "spread": None, "spread_kind": "", "seeds": len(per_seed),
+                "verdict": "held" if v_dom == "held" and v_gen == "held" else "did not hold"})
+    return out
+
+
+def claims_table(claims: list) -> str:
+    lines = ["| claim | statement | measured (accuracy points) | spread | verdict |", "|---|---|---|---|---|"]
+    for c in claims:
+        if c["mean"] is None:
+            meas, spread = c["metric"], ""
+        else:
+            std = f" ± {100 * c['std']:.1f} (seed std)" if c["std"] is not None else ""
+            meas = f"{c['metric']} = {100 * c['mean']:+.1f}{std}, {c['seeds']} seed(s)"
+            spread = f"{100 * c['spread']:.1f} ({c['spread_kind']})"
+        lines.append(f"| {c['claim']} | {c['text']} | {meas} | {spread} | {c['verdict']} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Tables, plots, report
+
+
+SUMMARY_COLS = ["general", "domain", "all", "win_rate", "kl", "top1_agreement", "answer_nll"]
+
+
+def _mean_std_metrics(per_seed: list) -> tuple[dict, dict]:
+    mean, std = {}, {}
+    for m in per_seed[0]:
+        mean[m], std[m] = {}, {}
+        for k, v in per_seed[0][m].items():
+            if isinstance(v, (int, float)):
+                xs = [r[m][k] for r in per_seed]
+                mean[m][k] = _mean(xs)
+                std[m][k] = statistics.stdev(xs) if len(xs) >= 2 else None
+    return mean, std
+
+
+def results_table(mean: dict, std: dict, columns: list) -> str:
+    from train.eval import format_table
+    names = [m for m in MODELS if m in mean]
+    table = format_table([LABELS[m] for m in names], {LABELS[m]: mean[m] for m in names}, columns)
+    if any(std[m].get(c) is not None for m in names for c in columns):
+        table += "\n(mean over seeds; seed std per cell in summary.json)"
+    return table
+
+
+def plot_families(mean: dict, families: list, path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plots (pip install matplotlib)")
+        return False
+    names = [m for m in MODELS if m in mean]
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    width = 0.8 / len(names)
+    for i, m in enumerate(names):
+        ys = [100 * mean[m][f"family/{f}"] for f in families]
+        ax.bar([j + i * width for j in range(len(families))], ys, width, label=LABELS[m])
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(families))])
+    ax.set_xticklabels(families, rotation=25, ha="right")
+    ax.set_ylabel("exact-match accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8, ncol=4)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_loss_curves(runs: dict, path: Path) -> bool:
+    """runs: {label: run dir with metrics.jsonl}: one panel per stage kind, total loss of every run."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    panels = {"teacher / domain expert (CE)": ["teacher", "domain_expert"],
+              "students (total loss)": list(STUDENTS), "DAE (KD loss)": ["dae"]}
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, (title, names) in zip(axes, panels.items()):
+        for label, run_dir in runs.items():
+            if label.split("@")[0] not in names:
+                continue
+            f = Path(run_dir) / "metrics.jsonl"
+            if not f.exists():
+                continue
+            recs = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+            ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], label=label)
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(out: Path, size: DemoSize, seeds: list, mean: dict, std: dict, families: list, claims: list,
+                 pipe: Pipeline, wall: float, n_turns: dict, plots: bool, quick: bool) -> str:
+    fam_cols = [f"family/{f}" for f in families]
+    lines = [
+        f"# Demo report{' (--quick)' if quick else ''}", "",
+        f"Wall time of this invocation: {wall:.0f} s on {torch.get_num_threads()} CPU thread(s) "
+        f"(cached stages: {', '.join(pipe.cached) or 'none'}). Seeds: {seeds}.", "",
+        "Stage times (s, when built):", "",
+        "| stage | seconds |", "|---|---|",
+        *[f"| {k} | {v:.0f} |" for k, v in pipe.times.items()], "",
+        "## Results", "",
+        f"Held-out: {n_turns['general']} general turns over {len(families) - 1} families and {n_turns['domain']} "
+        "domain (catalogue) turns; both turns of two-turn items, turn 2 asked after the reference turn 1. "
+        "Accuracy and agreement in %; win rate against the SFT student (correct beats wrong, ties by the "
+        "teacher's mean per-token log-likelihood); KL(teacher || model) and answer NLL per token on the "
+        "reference answers.", "",
+        "```", results_table(mean, std, SUMMARY_COLS), "```", "",
+        "Per family:", "", "```", results_table(mean, std, fam_cols), "```", "",
+        "## Claims", "", claims_table(claims), "",
+        "Verdicts: `held` = a gain larger than the spread; `not shown` = a gain within the spread; `did not hold` = no gain; for C2 `no harm` "
+        "= not worse than the spread. With one seed the spread is only the evaluation's paired standard error; "
+        "run `python train/demo.py --seeds 0,1,2` (the slow test does) for the seed spread.", "",
+    ]
+    if plots:
+        lines += ["## Plots", "", "![per-family accuracy](family_accuracy.png)", "",
+                  "![loss curves](loss_curves.png)", ""]
+    lines += ["## Setup", "", "```", json.dumps(asdict(size), indent=1), "```", ""]
+    text = "\n".join(lines)
+    (out / "report.md").write_text(text)
+    return text
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The demo
+
+
+def run_demo(out: Path, size: DemoSize, seeds: list, quick: bool = False) -> dict:
+    from transformers import AutoTokenizer
+
+    from model import load_hf
+    from train import eval as ev
+
+    t_start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    pipe = Pipeline(out)
+    cache = out / "cache"   # tokenised + packed data, shared by every run (keyed by content in train/data.py)
+    pipe.log(f"out {out}; {'quick' if quick else 'full'} size; seeds {seeds}; torch threads "
+             f"{torch.get_num_threads()}")
+
+    data_cfg = {k: getattr(size, k) for k in ("n_train", "n_eval", "vocab_size", "data_seed", "student_fraction")}
+    data_dir, data_key = pipe.stage("data", data_cfg, lambda d: build_data(d, size))
+    tok_dir = data_dir / "tokenizer"
+    counts = json.loads((data_dir / "counts.json").read_text())
+    pipe.log(f"data: {counts['general']} general rows (teacher), {counts['domain']} domain rows, "
+             f"{counts['student']} rows for the students")
+
+    t_cfg = {"data": data_key, "arch": asdict(size.teacher), "seq_len": size.seq_len, "seed": size.data_seed}
+    tinit_dir, tinit_key = pipe.stage("teacher_init", t_cfg,
+                                      lambda d: build_init(d, size.teacher, size, tok_dir, seed=10_000))
+    teach_cfg = {"init": tinit_key, "steps": size.teacher_steps, "lr": size.teacher_lr, "batch": size.batch,
+                 "warmup": size.warmup}
+    teacher_dir, teacher_key = pipe.stage("teacher", teach_cfg, lambda d: train_run(
+        d, "sft", tinit_dir / "dense", [data_dir / "general.jsonl"], tok_dir, size, size.teacher_steps,
+        size.teacher_lr, seed=size.data_seed, cache_dir=cache))
+    exp_cfg = {"teacher": teacher_key, "steps": size.expert_steps, "lr": size.expert_lr}
+    expert_dir, expert_key = pipe.stage("domain_expert", exp_cfg, lambda d: train_run(
+        d, "sft", teacher_dir / "final", [data_dir / "domain.jsonl"], tok_dir, size, size.expert_steps,
+        size.expert_lr, seed=size.data_seed, cache_dir=cache))
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    from train.data import load_rows
+    es = ev.build_eval_set(list(load_rows(str(data_dir / "eval.jsonl"))), tokenizer)
+    n_turns = {"general": sum(not it.domain for it in es.items), "domain": sum(it.domain for it in es.items)}
+    teacher_model = load_hf(teacher_dir / "final")
+
+    def evaluate(name: str, model_dir: Path, model_key: str) -> ev.ModelEval:
+        f = model_dir / f"eval-{hashlib.sha256((model_key + teacher_key + data_key).encode()).hexdigest()[:12]}.json"
+        if f.exists():
+            return ev.ModelEval.from_json(json.loads(f.read_text()))
+        t = time.perf_counter()
+        res = ev.evaluate_model(load_hf(model_dir / "final"), es, tokenizer, teacher=teacher_model)
+        f.write_text(json.dumps(res.to_json()))
+        pipe.log(f"eval {name}: general {100 * res.metrics['general']:.1f} % domain "
+                 f"{100 * res.metrics['domain']:.1f} % ({time.perf_counter() - t:.0f}s)")
+        return res
+
+    shared = {"teacher": evaluate("teacher", teacher_dir, teacher_key),
+              "domain_expert": evaluate("domain_expert", expert_dir, expert_key)}
+
+    per_seed, per_seed_correct, runs = [], [], {"teacher": teacher_dir, "domain_expert": expert_dir}
+    for seed in seeds:
+        sd = f"seed-{seed}"
+        init_cfg = {"data": data_key, "arch": asdict(size.student), "experts": size.moe_student_experts,
+                    "seq_len": size.seq_len, "seed": seed}
+        init_dir, init_key = pipe.stage(f"{sd}/init", init_cfg, lambda d: build_init(
+            d, size.student, size, tok_dir, seed=seed, upcycle_to=size.moe_student_experts))
+        common = {"data": data_key, "steps": size.student_steps, "lr": size.student_lr, "batch": size.batch,
+                  "warmup": size.warmup, "seed": seed, "k": size.kd_top_k}
+        student_data = [data_dir / "student.jsonl"]
+        specs = {
+            "sft": ("sft", init_dir / "dense", None, 0.0),
+            "kd": ("kd", init_dir / "dense", teacher_dir, 0.0),
+            "kd_attn": ("kd", init_dir / "dense", teacher_dir, size.attn_weight),
+            "kd_moe": ("kd", init_dir / "moe", teacher_dir, 0.0),
+        }
+        dirs, keys = {}, {}
+        for name, (sub, model_path, tdir, attn) in specs.items():
+            cfg = {**common, "init": init_key, "model": model_path.name, "sub": sub, "attn": attn,
+                   "teacher": teacher_key if tdir else None}
+            dirs[name], keys[name] = pipe.stage(f"{sd}/{name}", cfg, lambda d, sub=sub, mp=model_path, td=tdir,
+                                                a=attn: train_run(
+                d, sub, mp, student_data, tok_dir, size, size.student_steps, size.student_lr, seed=seed,
+                teachers={"teacher": td / "final"} if td else None, attn_weight=a, cache_dir=cache))
+        dae_cfg = {"kd": keys["kd"], "teacher": teacher_key, "expert": expert_key, "steps": size.dae_steps,
+                   "lr": size.dae_lr, "fraction": size.domain_fraction, "seed": seed}
+        dirs["dae"], keys["dae"] = pipe.stage(f"{sd}/dae", dae_cfg, lambda d: train_run(
+            d, "dae", dirs["kd"] / "final", [data_dir / "student.jsonl", data_dir / "domain.jsonl"], tok_dir,
+            size, size.dae_steps, size.dae_lr, seed=seed,
+            teachers={"reference": teacher_dir / "final", "domain": expert_dir / "final"},
+            domain_fraction=size.domain_fraction, cache_dir=cache))
+
+        evals = dict(shared)
+        for name in STUDENTS + ("dae",):
+            evals[name] = evaluate(f"{sd}/{name}", dirs[name], keys[name])
+            runs[f"{name}@{seed}" if len(seeds) > 1 else name] = dirs[name]
+        metrics = {}
+        for name, res in evals.items():
+            metrics[name] = dict(res.metrics)
+            metrics[name]["win_rate"] = ev.with_win_rate(res, evals["sft"])
+        per_seed.append(metrics)
+        per_seed_correct.append({name: res.correct for name, res in evals.items()})
+
+    mean, std = _mean_std_metrics(per_seed)
+    claims = judge_claims(per_seed, per_seed_correct, [it.domain for it in es.items])
+    families = es.families
+    plots = plot_families(mean, families, out / "family_accuracy.png")
+    plots = plot_loss_curves(runs, out / "loss_curves.png") and plots
+    wall = time.perf_counter() - t_start
+    print("\n" + results_table(mean, std, SUMMARY_COLS))
+    print("\n" + results_table(mean, std, [f"family/{f}" for f in families]))
+    print("\n" + claims_table(claims))
+    write_report(out, size, seeds, mean, std, families, claims, pipe, wall, n_turns, plots, quick)
+    summary = {"wall_s": wall, "seeds": seeds, "per_seed": per_seed, "mean": mean, "std": std, "claims": claims,
+               "stage_seconds": pipe.times, "cached": pipe.cached, "n_turns": n_turns, "quick": quick}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    pipe.log(f"finished in {wall:.0f}s: {out / 'report.md'}; models in {out}/*/final and {out}/seed-*/*/final")
+    return summary
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="train/main.py (demo)", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="reduced sizes (< 3 min): CI and a first look")
+    p.add_argument("--out", type=Path, help="run directory (default runs/demo, or runs/demo-quick with --quick)")
+    p.add_argument("--seeds", default="0", help="comma-separated student seeds, e.g. 0,1,2 (teacher is shared)")
+    a = p.parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print("the demo runs in one process; start it with --nproc_per_node 1 (or plain python)", file=sys.stderr)
+        return 2
+    try:
+        seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+    except ValueError:
+        p.error(f"--seeds {a.seeds!r}: give comma-separated integers, e.g. 0,1,2")
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        p.error(f"--seeds {a.seeds!r}: give distinct non-negative integers, e.g. 0,1,2")
+    out = a.out or Path("runs/demo-quick" if a.quick else "runs/demo")
+    run_demo(out, QUICK if a.quick else FULL, seeds, quick=a.quick)
+    return 0
+
+
+if __name__ == "__main__":
+    _root = str(Path(__file__).resolve().parents[1])  # `python train/demo.py`: the repository root must import
+    if _root not in sys.path:
+        sys.path.insert(0, _root)
+    sys.exit(main())
