@@ -305,12 +305,20 @@ def _mean_std_metrics(per_seed: list) -> tuple[dict, dict]:
 
 
 def results_table(mean: dict, std: dict, columns: list) -> str:
+    """One row per model; with several seeds every cell is mean±std over the seeds."""
     from train.eval import format_table
     names = [m for m in MODELS if m in mean]
-    table = format_table([LABELS[m] for m in names], {LABELS[m]: mean[m] for m in names}, columns)
-    if any(std[m].get(c) is not None for m in names for c in columns):
-        table += "\n(mean over seeds; seed std per cell in summary.json)"
-    return table
+    multi = any(std[m].get(c) is not None for m in names for c in columns)
+    return format_table([LABELS[m] for m in names], {LABELS[m]: mean[m] for m in names}, columns,
+                        spread={LABELS[m]: std[m] for m in names} if multi else None)
+
+
+def _last_ce(run_dir: Path) -> float | None:
+    f = Path(run_dir) / "metrics.jsonl"
+    if not f.exists():
+        return None
+    recs = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    return recs[-1]["ce"] if recs else None
 
 
 def plot_families(mean: dict, families: list, path: Path) -> bool:
@@ -340,7 +348,8 @@ def plot_families(mean: dict, families: list, path: Path) -> bool:
 
 
 def plot_loss_curves(runs: dict, path: Path) -> bool:
-    """runs: {label: run dir with metrics.jsonl}: one panel per stage kind, total loss of every run."""
+    """runs: {label: run dir with metrics.jsonl}: one panel per stage kind, the training loss of every run (and,
+    for KD runs, the cross-entropy on the labels, which is what SFT minimises)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -348,7 +357,7 @@ def plot_loss_curves(runs: dict, path: Path) -> bool:
     except ImportError:
         return False
     panels = {"teacher / domain expert (CE)": ["teacher", "domain_expert"],
-              "students (total loss)": list(STUDENTS), "DAE (KD loss)": ["dae"]}
+              "students (solid: training loss, dashed: CE)": list(STUDENTS), "DAE (KD loss; dashed: CE)": ["dae"]}
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for ax, (title, names) in zip(axes, panels.items()):
         for label, run_dir in runs.items():
@@ -358,7 +367,10 @@ def plot_loss_curves(runs: dict, path: Path) -> bool:
             if not f.exists():
                 continue
             recs = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-            ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], label=label)
+            steps = [r["step"] for r in recs]
+            line, = ax.plot(steps, [r["loss"] for r in recs], label=label)
+            if any(r["kd"] for r in recs):  # KD runs: their CE on the labels too, comparable with SFT's loss
+                ax.plot(steps, [r["ce"] for r in recs], color=line.get_color(), linestyle="--", alpha=0.6)
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
         ax.set_yscale("log")
@@ -373,6 +385,18 @@ def plot_loss_curves(runs: dict, path: Path) -> bool:
 def write_report(out: Path, size: DemoSize, seeds: list, mean: dict, std: dict, families: list, claims: list,
                  pipe: Pipeline, wall: float, n_turns: dict, plots: bool, quick: bool) -> str:
     fam_cols = [f"family/{f}" for f in families]
+    teacher_ce = _last_ce(out / "teacher")
+    notes = ["Measured context for reading the claims:", ""]
+    if teacher_ce is not None:
+        notes.append(f"- The teacher ends with a training CE of {teacher_ce:.2f} per answer token against a held-out "
+                     f"answer NLL of {mean['teacher']['answer_nll']:.2f}: it fits its own training rows far better "
+                     "than new ones, and the students' rows are a subset of those, so its targets there are close "
+                     "to the labels.")
+    notes += [f"- DAE continues the KD student for {size.dae_steps} more steps on the same general rows "
+              f"({100 * (1 - size.domain_fraction):.0f} % of the sequences) after its {size.student_steps}: part "
+              "of any general-accuracy change after DAE is that extra training, not the domain alignment itself.",
+              f"- The MoE student is the dense init upcycled to {size.moe_student_experts} experts with top-2, so "
+              "both experts run on every token (twice the FFN compute of the dense student)."]
     lines = [
         f"# Demo report{' (--quick)' if quick else ''}", "",
         f"Wall time of this invocation: {wall:.0f} s on {torch.get_num_threads()} CPU thread(s) "
@@ -389,6 +413,7 @@ def write_report(out: Path, size: DemoSize, seeds: list, mean: dict, std: dict, 
         "```", results_table(mean, std, SUMMARY_COLS), "```", "",
         "Per family:", "", "```", results_table(mean, std, fam_cols), "```", "",
         "## Claims", "", claims_table(claims), "",
+        *notes, "",
         "Verdicts: `held` = a gain larger than the spread; `not shown` = a gain within the spread; `did not hold` = no gain; for C2 `no harm` "
         "= not worse than the spread. With one seed the spread is only the evaluation's paired standard error; "
         "run `python train/demo.py --seeds 0,1,2` (the slow test does) for the seed spread.", "",

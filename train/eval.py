@@ -260,16 +260,20 @@ def with_win_rate(ev: ModelEval, baseline: ModelEval) -> float:
 # CLI
 
 
-def format_table(names: list, results: dict, columns: list) -> str:
-    """A plain-text table: one row per model, one column per metric (fractions as %, others 3 decimals)."""
-    def cell(v, key):
+def format_table(names: list, results: dict, columns: list, spread: dict | None = None) -> str:
+    """A plain-text table: one row per model, one column per metric (fractions as %, others 3 decimals);
+    with `spread` ({name: {column: std}}) each cell reads mean±std."""
+    def num(v, key):
+        return f"{v:.3f}" if key in ("kl", "answer_nll", "teacher_nll") else f"{100 * v:.1f}"
+
+    def cell(name, key):
+        v = results[name].get(key)
         if v is None or (isinstance(v, float) and math.isnan(v)):
             return "-"
-        if key in ("kl", "answer_nll", "teacher_nll"):
-            return f"{v:.3f}"
-        return f"{100 * v:.1f}"
+        sd = (spread or {}).get(name, {}).get(key)
+        return num(v, key) + (f"±{num(sd, key)}" if sd is not None else "")
     header = ["model"] + [c.removeprefix("family/") for c in columns]
-    rows = [[n] + [cell(results[n].get(c), c) for c in columns] for n in names]
+    rows = [[n] + [cell(n, c) for c in columns] for n in names]
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
     lines.append("  ".join("-" * w for w in widths))
