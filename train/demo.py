@@ -414,9 +414,10 @@ def write_report(out: Path, size: DemoSize, seeds: list, mean: dict, std: dict, 
         "Per family:", "", "```", results_table(mean, std, fam_cols), "```", "",
         "## Claims", "", claims_table(claims), "",
         *notes, "",
-        "Verdicts: `held` = a gain larger than the spread; `not shown` = a gain within the spread; `did not hold` = no gain; for C2 `no harm` "
-        "= not worse than the spread. With one seed the spread is only the evaluation's paired standard error; "
-        "run `python train/demo.py --seeds 0,1,2` (the slow test does) for the seed spread.", "",
+        "Verdicts: `held` = a gain larger than the spread; `not shown` = a gain within the spread; `did not "
+        "hold` = no gain; for C2 `no harm` = not worse than the spread. With one seed the spread is only the "
+        "evaluation's paired standard error; run `python train/demo.py --seeds 0,1,2` (the slow test does) for "
+        "the seed spread.", "",
     ]
     if plots:
         lines += ["## Plots", "", "![per-family accuracy](family_accuracy.png)", "",
