@@ -26,6 +26,16 @@ gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU
 print(f"- machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads; GPU: {gpu}")
 print(f"- torch {torch.__version__}, triton {tv}, transformers {hv}, python {platform.python_version()}")
 PYEOF
+  echo
+  echo "### GPU kernel tests (tests/test_gpu_kernels.py: bf16 vs fp32 references, no host sync, CUDA graph)"
+  echo
+  echo '```'
+  if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    TRITON_INTERPRET=0 timeout 1200 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py 2>&1 | tail -n 15
+  else
+    echo "skipped: no CUDA device (GPU figures missing)"
+  fi
+  echo '```'
   for b in bench/bench_routing.py bench/bench_grouped_gemm.py bench/bench_kd_loss.py bench/bench_step.py; do
     echo
     echo "### $(basename "$b")"

@@ -178,10 +178,17 @@ def linear_topk_kd_loss_ref(hidden_ND, weight_VD, labels_N, teacher_ids_NK, teac
     N, D, V, K = _check_inputs(hidden_ND, weight_VD, labels_N, teacher_ids_NK, teacher_logprobs_NK, tau,
                                kd_weight, normalizer, teacher_vocab_size, check_ids)
     n = _normalizer(labels_N, normalizer)
+    z_NV = hidden_ND.float() @ weight_VD.float().T
+    return loss_from_logits_ref(z_NV, labels_N, teacher_ids_NK, teacher_logprobs_NK, tau, kd_weight, n)
+
+
+def loss_from_logits_ref(z_NV, labels_N, teacher_ids_NK, teacher_logprobs_NK, tau, kd_weight, n) -> KDLossOutput:
+    """The reference's loss on given logits (fp32 math whatever z_NV's dtype): also the bf16 torch baseline of
+    the GPU tests, fed logits from a bf16 matmul."""
+    z_NV = z_NV.float()
     mask_N = labels_N != IGNORE_INDEX
     y_N = torch.where(mask_N, labels_N, 0).long()
     ids_NK = torch.where(mask_N[:, None], teacher_ids_NK, 0).long()  # ignored rows may hold any id: never read
-    z_NV = hidden_ND.float() @ weight_VD.float().T
     ce_N = -torch.log_softmax(z_NV, dim=-1).gather(1, y_N[:, None]).squeeze(1)
     logq_NV = torch.log_softmax(z_NV / tau, dim=-1)
     logp_NK = torch.log_softmax(teacher_logprobs_NK.detach().float() / tau, dim=-1)
