@@ -471,10 +471,13 @@ def linear_topk_kd_bwd(dh_ND, dW_VD, grad_loss):
 class LinearTopkKDFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_ND, weight_VD, labels_N, teacher_ids_NK, teacher_logprobs_NK, tau, kd_weight, n,
-                chunk_size, use_kernel):
+                chunk_size, use_kernel, grad_enabled):
+        # needs_input_grad follows requires_grad even under torch.no_grad, where no backward can run; the
+        # caller's grad mode (forward itself always runs with grad off) says whether dh and dW are wanted.
         loss, ce_sum, kd_sum, dh_ND, dW_VD = linear_topk_kd_fwd(
             hidden_ND, weight_VD, labels_N, teacher_ids_NK, teacher_logprobs_NK, tau, kd_weight, n, chunk_size,
-            use_kernel, need_dh=ctx.needs_input_grad[0], need_dW=ctx.needs_input_grad[1])
+            use_kernel, need_dh=grad_enabled and ctx.needs_input_grad[0],
+            need_dW=grad_enabled and ctx.needs_input_grad[1])
         ctx.save_for_backward(dh_ND, dW_VD)
         ctx.consumed = False
         ctx.mark_non_differentiable(ce_sum, kd_sum)
@@ -488,7 +491,7 @@ class LinearTopkKDFunction(torch.autograd.Function):
                                "scaled in place, so retain_graph=True is not supported: call the loss again")
         ctx.consumed = True
         dh_ND, dW_VD = linear_topk_kd_bwd(*ctx.saved_tensors, grad_loss)
-        return dh_ND, dW_VD, None, None, None, None, None, None, None, None
+        return dh_ND, dW_VD, None, None, None, None, None, None, None, None, None
 
 
 def _apply(use_kernel, hidden_ND, weight_VD, labels_N, teacher_ids_NK, teacher_logprobs_NK, tau, kd_weight,
@@ -501,7 +504,7 @@ def _apply(use_kernel, hidden_ND, weight_VD, labels_N, teacher_ids_NK, teacher_l
     n = _normalizer(labels_N, normalizer)
     loss, ce_sum, kd_sum = LinearTopkKDFunction.apply(
         hidden_ND, weight_VD, labels_N, teacher_ids_NK, teacher_logprobs_NK, float(tau), float(kd_weight), n,
-        chunk_size, use_kernel)
+        chunk_size, use_kernel, torch.is_grad_enabled())
     return KDLossOutput(loss, ce_sum, kd_sum)
 
 

@@ -210,6 +210,28 @@ def test_upstream_gradient_and_partial_grads(fn):
     torch.testing.assert_close(nograd.loss, base[0].loss, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("fn", PATHS)
+def test_no_grad_mode_skips_the_gradient_work(fn, monkeypatch):
+    """Under torch.no_grad there is no backward, so even for inputs that require grad (a model's parameters
+    in an evaluation pass) the chunk loop must not run the two gradient GEMMs nor hold the fp32 dW."""
+    import kernels.kd_loss as kd
+    h, W, y, ids, lp = make_inputs(21, 16, 300, 4, seed=31)
+    base = run(fn, h, W, y, ids, lp, 2.0, 0.5)
+    seen = []
+    real_fwd = kd.linear_topk_kd_fwd
+
+    def spy(*args, need_dh, need_dW):
+        seen.append((need_dh, need_dW))
+        return real_fwd(*args, need_dh=need_dh, need_dW=need_dW)
+
+    monkeypatch.setattr(kd, "linear_topk_kd_fwd", spy)
+    with torch.no_grad():
+        out = fn(h.clone().requires_grad_(True), W.clone().requires_grad_(True), y, ids, lp, 2.0, 0.5)
+    assert seen == [(False, False)]
+    assert not out.loss.requires_grad
+    torch.testing.assert_close(out.loss, base[0].loss, rtol=1e-6, atol=1e-8)
+
+
 def test_chunked_bf16_inputs_on_cpu():
     """bf16 inputs on the CPU path: fp32 math inside, bf16 gradients out, close to the fp32 ref."""
     h, W, y, ids, lp = make_inputs(37, 32, 1000, 8, seed=29)
