@@ -10,12 +10,10 @@ transformers' MixtralSparseMoeBlock with the same weights (its default eager exp
 experts where that exists). On a CPU: a small shape, torch paths only; the GPU figures are reported missing.
 Timings are never asserted. Usage: .venv/bin/python bench/bench_grouped_gemm.py
 """
-import statistics
-import time
-
 import torch
 
 import kernels
+from bench._common import make_timer
 from kernels.grouped_gemm import grouped_mm, grouped_mm_ref
 from kernels.moe import moe_experts
 from kernels.routing import route_topk, route_topk_ref
@@ -39,27 +37,6 @@ def _offsets(counts, device):
     o = torch.zeros(E + 1, dtype=torch.int32, device=device)
     o[1:] = torch.tensor(counts, device=device).cumsum(0)
     return o
-
-
-def _timer(cuda: bool):
-    if cuda:
-        import triton.testing
-
-        def bench(fn, grads=()):
-            return triton.testing.do_bench(fn, grad_to_none=list(grads), return_mode="median")  # ms
-        return bench
-
-    def bench_cpu(fn, grads=(), reps=3):
-        fn()
-        times = []
-        for _ in range(reps):
-            for g in grads:
-                g.grad = None
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times) * 1e3
-    return bench_cpu
 
 
 def _row(variant, shape, load, ms, flops, extra=""):
@@ -157,7 +134,7 @@ def bench_block(T_list, D, F, dtype, device, bench, our_path):
 
 def main():
     cuda = torch.cuda.is_available()
-    bench = _timer(cuda)
+    bench = make_timer(cuda, cpu_reps=3)
     print(f"{'variant':<38} {'shape':<26} {'load':<9} {'ms':>9} {'TFLOP/s':>8}")
     if cuda:
         D, F, T_list, dtype = 4096, 14336, (4096, 16384), torch.bfloat16

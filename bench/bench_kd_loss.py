@@ -14,12 +14,11 @@ loss / dh / dW against the fp32 reference on the same bf16 inputs. Variants, eac
     ref fp32                  linear_topk_kd_loss_ref: the oracle (fp32 GEMMs, so slow by design)
     liger FLCE (CE only)      Liger-Kernel's fused linear cross-entropy, if `liger_kernel` imports
 On a CPU (N=2048, D=256, V=32000, K=64, fp32): time and peak RSS growth of linear_topk_kd_loss_chunked against
-the reference, each in a fresh subprocess (ru_maxrss is a per-process high-water mark); GPU figures missing.
+the reference, each in a fresh subprocess (peak RSS, VmHWM, is a per-process high-water mark); GPU figures missing.
 Timings are reported, never asserted. Usage: .venv/bin/python bench/bench_kd_loss.py
 """
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from bench._common import peak_rss, reset_peak_rss
 from kernels.kd_loss import (_chunk_size, linear_topk_kd_loss, linear_topk_kd_loss_chunked,
                              linear_topk_kd_loss_ref)
 
@@ -209,26 +209,6 @@ def _gpu():
 
 # ------------------------------------------------------------------------------------------------------- CPU
 
-def _peak_rss_kb():
-    """This process's peak RSS in KiB: VmHWM (resettable) where /proc has it, else ru_maxrss (Linux: KiB)."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def _reset_peak_rss_kb():
-    """Reset the peak-RSS mark to the current RSS (Linux >= 4.0: write 5 to clear_refs), so that the inputs'
-    construction (teacher top-k from N x V temporaries) does not hide the loss's own peak; return the mark."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-    return _peak_rss_kb()
-
-
 def _cpu_variant(name):
     """One CPU measurement in this (fresh) process: median time of fwd+bwd and the peak RSS growth."""
     torch.manual_seed(0)
@@ -241,14 +221,14 @@ def _cpu_variant(name):
     h_ND, W_VD, y_N, ids_NK, lp_NK = make_inputs(shape["N"], shape["D"], shape["V"], shape["K"], torch.float32,
                                                  "cpu")
     h, W = h_ND.requires_grad_(True), W_VD.requires_grad_(True)
-    base = _reset_peak_rss_kb()
+    base = reset_peak_rss()
     times = []
     for _ in range(3):
         h.grad = W.grad = None
         t0 = time.perf_counter()
         fn(h, W, y_N, ids_NK, lp_NK, TAU, LAM, check_ids=False).loss.backward()
         times.append(time.perf_counter() - t0)
-    extra_mb = (_peak_rss_kb() - base) / 1024
+    extra_mb = (peak_rss() - base) / 2**20
     print(json.dumps({"ms": statistics.median(times) * 1e3, "extra_mb": extra_mb}))
 
 

@@ -5,11 +5,9 @@ On a GPU: median µs per call (triton.testing.do_bench) and GB/s for both paths,
 plus a CUDA-graph capture of route_topk replayed and checked against eager (possible only with no host sync).
 On a CPU: the torch path only, said so in the output. Usage: .venv/bin/python bench/bench_routing.py
 """
-import statistics
-import time
-
 import torch
 
+from bench._common import make_timer
 from kernels.routing import route_topk, route_topk_ref
 
 T, E, K = 16384, 8, 2
@@ -50,23 +48,17 @@ def main():
     fwd_bytes, bwd_bytes = _bytes_fwd(T, E, K, elt), _bytes_fwd(T, E, K, elt) + _bytes_bwd(T, E, K, elt)
     print(f"{'variant':<28} {'T':>6} {'E':>3} {'K':>2} {'dtype':>9} {'us/call':>10} {'GB/s':>9}")
 
-    if not cuda:
-        print("# CPU only (no CUDA device): the Triton kernel is not timed; torch path (route_topk_ref) only.")
-        for name, fn in [("torch ref fwd", lambda: route_topk_ref(logits_TE, K)),
-                         ("torch ref fwd+bwd", lambda: _fwd_bwd(route_topk_ref, logits_TE, dweights_TK, dprobs_TE))]:
-            fn()
-            times = []
-            for _ in range(20):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-            _row(name, statistics.median(times) * 1e6, fwd_bytes if name.endswith("fwd") else bwd_bytes)
-        return
-
-    import triton.testing
+    bench_ms = make_timer(cuda, cpu_reps=20)
 
     def bench(fn):
-        return triton.testing.do_bench(fn, return_mode="median") * 1e3  # ms -> µs
+        return bench_ms(fn) * 1e3  # ms -> µs
+
+    if not cuda:
+        print("# CPU only (no CUDA device): the Triton kernel is not timed; torch path (route_topk_ref) only.")
+        _row("torch ref fwd", bench(lambda: route_topk_ref(logits_TE, K)), fwd_bytes)
+        _row("torch ref fwd+bwd", bench(lambda: _fwd_bwd(route_topk_ref, logits_TE, dweights_TK, dprobs_TE)),
+             bwd_bytes)
+        return
 
     with torch.no_grad():
         _row("triton route_topk fwd", bench(lambda: route_topk(logits_TE, K)), fwd_bytes)

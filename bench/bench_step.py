@@ -27,7 +27,7 @@ Reported per variant, one table row each, plus a ratio row (ours / HF):
                the formula the trainer logs) * tok/s / the GPU's peak bf16 FLOP/s
     peak mem   each variant runs in its own fresh subprocess. CUDA: torch.cuda.max_memory_allocated over all
                steps, warm-up included (weights, grads and AdamW state included: what decides whether it fits).
-               CPU: growth of peak RSS (ru_maxrss, after resetting the high-water mark through
+               CPU: growth of peak RSS (VmHWM, after resetting the high-water mark through
                /proc/self/clear_refs) over the RSS just before the first step, i.e. gradients + AdamW state +
                activations + logits, weights excluded
     CE         the first step's CE per loss token: equal on both sides (same weights, same batch) up to float
@@ -42,7 +42,6 @@ Usage: .venv/bin/python bench/bench_step.py [--scale tiny|gpu] [--steps N] [--ba
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -50,6 +49,8 @@ import tempfile
 import time
 
 import torch
+
+from bench._common import peak_rss, reset_peak_rss
 
 LAM, TAU, LR, BETAS, EPS, CLIP = 0.5, 1.0, 1e-5, (0.9, 0.95), 1e-8, 1.0
 IGNORE = -100
@@ -219,21 +220,6 @@ def setup_hf(student_dir: str, teacher_dir: str, K: int, device: torch.device):
 # after the other let the time ratio swing 4x between runs. On a GPU they run one after the other (both resident
 # would not fit).
 
-def _rss_kb() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-
-
-def _reset_peak_rss() -> None:
-    """Lower the high-water mark that ru_maxrss reports to the current RSS (Linux >= 4.0), so that a peak while
-    loading the models does not hide the step's own. Where this is refused, ru_maxrss keeps the load peak."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
 def _reply(obj: dict) -> None:
     print(json.dumps(obj), flush=True)
 
@@ -256,8 +242,7 @@ def child(variant: str, student_dir: str, teacher_dir: str, scale: dict) -> None
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
         else:
-            _reset_peak_rss()
-            before = _rss_kb() * 1024
+            before = reset_peak_rss()
         _reply({"ready": True})
         for line in sys.stdin:
             if line.strip() == "step":
@@ -267,8 +252,7 @@ def child(variant: str, student_dir: str, teacher_dir: str, scale: dict) -> None
                     torch.cuda.synchronize()
                 _reply({"s": time.perf_counter() - t0, "ce": ce})
             elif line.strip() == "done":
-                peak = (torch.cuda.max_memory_allocated() if cuda else
-                        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)  # Linux: KiB
+                peak = torch.cuda.max_memory_allocated() if cuda else peak_rss() - before
                 _reply({"peak_bytes": peak, "before_bytes": before})
                 return
     except torch.OutOfMemoryError:
@@ -405,7 +389,8 @@ def main(argv=None):
         mem_unit = "peak RSS growth MiB"
         print("# CPU only (no CUDA device): GPU figures missing. Absolute CPU numbers mean little at this toy scale; "
               "read the ratios. Each variant in its own process, steps alternated between the two; peak memory = "
-              "growth of ru_maxrss over the pre-step RSS (grads, AdamW state, activations, logits; weights excluded)")
+              "growth of peak RSS (VmHWM) over the pre-step RSS (grads, AdamW state, activations, logits; weights "
+              "excluded)")
     print(f"# one step = teacher + student fwd/bwd + loss + clip + AdamW; λ={LAM}, τ={TAU}; {warmup} warm-up + "
           f"{steps} timed steps, median; {flops_tok / 1e9:.3g} GFLOP/token (6·N_student + 2·N_teacher_active + "
           "attention)")

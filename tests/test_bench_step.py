@@ -36,3 +36,18 @@ def test_bench_step_cpu_table():
     # Same weights and batch on both sides: the first step's CE agrees to float rounding.
     assert abs(float(ours["CE step 1"]) - float(hf["CE step 1"])) < 1e-3, (ours, hf)
     assert "GPU figures missing" in res.stdout
+
+
+def test_peak_rss_growth_is_the_childs_own():
+    """A bench child is exec'd from a parent whose own peak can be larger (the parent builds the models): the
+    child's peak-RSS growth must not include it. ru_maxrss does (Linux keeps the pre-exec peak in the signal
+    struct, and clear_refs does not lower it); VmHWM does not."""
+    child = ("from bench._common import peak_rss, reset_peak_rss; before = reset_peak_rss(); "
+             "print(peak_rss() - before)")
+    parent = ("import subprocess, sys; x = bytearray(512 << 20); x[::4096] = b'\\1' * len(x[::4096]); del x; "
+              f"sys.exit(subprocess.run([sys.executable, '-c', {child!r}]).returncode)")
+    env = dict(os.environ, PYTHONPATH=REPO)
+    res = subprocess.run([sys.executable, "-c", parent], env=env, cwd=REPO, capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert int(res.stdout.strip()) < 64 << 20, res.stdout
