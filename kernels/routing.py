@@ -289,6 +289,6 @@ def route_topk(router_logits_TE: Tensor, k: int) -> Routing:
 
     router_logits_TE: [T, E], any float dtype (computed in fp32); k: experts per token, 1 <= k <= E.
     Gradients reach the logits from weights_TK and probs_TE; the other fields are integer metadata.
+    Inputs are checked (ValueError) in route_topk_fwd.
     """
-    _check_inputs(router_logits_TE, k)
     return Routing(*RouteTopKFunction.apply(router_logits_TE, k))
