@@ -40,9 +40,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     dtype = model.output.weight.dtype
 
     lens_B = torch.tensor([len(p) for p in prompts], device=dev)
-    tokens_BT = torch.full((B, T), pad_id, dtype=torch.long, device=dev)
-    for b, p in enumerate(prompts):
-        tokens_BT[b, T - len(p):] = torch.tensor(p, dtype=torch.long, device=dev)
+    # left-padded on the host: one copy to the device, not one per prompt
+    tokens_BT = torch.tensor([[pad_id] * (T - len(p)) + list(p) for p in prompts], dtype=torch.long, device=dev)
     offset_B = T - lens_B                                       # left padding of each row
     col_T = torch.arange(T, device=dev)
     is_pad_BT = col_T[None, :] < offset_B[:, None]
@@ -55,6 +54,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
 
     out_BN = torch.empty(B, max_new_tokens, dtype=torch.long, device=dev)
     done_B = torch.zeros(B, dtype=torch.bool, device=dev)
+    real_doc_B1 = torch.full((B, 1), _REAL_DOC, device=dev)
     steps = 0
     while True:
         out_BN[:, steps] = next_B
@@ -66,8 +66,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         if steps == max_new_tokens:
             break
         # the token just emitted is new token number steps-1 of its row: position len(prompt) + steps - 1
-        hidden = model(next_B[:, None], (lens_B + steps - 1)[:, None],
-                       torch.full((B, 1), _REAL_DOC, device=dev), cache=cache)
+        hidden = model(next_B[:, None], (lens_B + steps - 1)[:, None], real_doc_B1, cache=cache)
         next_B = model.logits(hidden[:, -1]).argmax(-1)
 
     result = []
