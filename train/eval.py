@@ -128,7 +128,8 @@ def generate_answers(model, es: EvalSet, batch_size: int = 64, slack: int = 4) -
 
 
 def _right_pad(seqs: list, pad_id: int):
-    """[B, T] tokens and a [B, T] mask of real tokens; right padding needs no document ids (causal attention)."""
+    """[B, T] tensor of the sequences, right-padded with `pad_id`; right padding needs no document ids (causal
+    attention)."""
     T = max(len(s) for s in seqs)
     tokens_BT = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     for b, s in enumerate(seqs):
