@@ -242,19 +242,18 @@ class Transformer(nn.Module):
         cos, sin = rotary(positions_BT, self.args.head_dim, self.args.rope_theta)
 
         window = self.args.sliding_window
-        window_active = window is not None and window < s0 + T
-        if cache is not None:
-            doc_BT = doc_ids_BT if doc_ids_BT is not None else torch.zeros(B, T, dtype=torch.long, device=dev)
-            cache.doc_BS[:, s0:s0 + T] = doc_BT
-            q_idx = torch.arange(s0, s0 + T, device=dev)
-            mask = attention_mask(doc_BT, cache.doc_BS[:, :s0 + T], q_idx, torch.arange(s0 + T, device=dev),
-                                  window if window_active else None)
-        elif doc_ids_BT is not None or window_active:
-            doc_BT = doc_ids_BT if doc_ids_BT is not None else torch.zeros(B, T, dtype=torch.long, device=dev)
-            idx = torch.arange(T, device=dev)
-            mask = attention_mask(doc_BT, doc_BT, idx, idx, window if window_active else None)
-        else:
+        if window is not None and window >= s0 + T:
+            window = None  # every key is inside the window
+        if cache is None and doc_ids_BT is None and window is None:
             mask = None
+        else:
+            doc_BT = doc_ids_BT if doc_ids_BT is not None else torch.zeros(B, T, dtype=torch.long, device=dev)
+            q_idx = torch.arange(s0, s0 + T, device=dev)
+            k_doc_BS, k_idx = doc_BT, q_idx
+            if cache is not None:  # keys: everything cached so far, this step's included
+                cache.doc_BS[:, s0:s0 + T] = doc_BT
+                k_doc_BS, k_idx = cache.doc_BS[:, :s0 + T], torch.arange(s0 + T, device=dev)
+            mask = attention_mask(doc_BT, k_doc_BS, q_idx, k_idx, window)
 
         h = self.tok_embeddings(tokens_BT)
         counts_E = probs_E = None
