@@ -385,6 +385,28 @@ def test_kd_with_attention_term_runs(world, tmp_path):
     assert all(r["attn"] > 0 and math.isfinite(r["loss"]) for r in recs)
 
 
+def test_mfu_is_per_device(world, tmp_path, monkeypatch):
+    """MFU = the step's FLOPs (all ranks' tokens) / time / (ranks x one device's peak). Rank 0 of a 2-process run
+    (faked: no process group, so the collectives are skipped) must not be credited with the other rank's work.
+    The step record's tok_s and mfu share the step time, so their ratio is exact."""
+    from train import parallel
+    fake = parallel.Env(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), owns_group=False)
+    monkeypatch.setattr(L.parallel, "init_distributed", lambda *a, **k: fake)
+    monkeypatch.setattr(L.parallel, "resolve_strategy", lambda *a, **k: "none")
+    recs, orig = [], L.Output.step
+    monkeypatch.setattr(L.Output, "step", lambda self, step, rec, force=False: (recs.append(rec),
+                                                                                 orig(self, step, rec, force)))
+    cfg = cfg_for(world, tmp_path / "run", steps=2, **{"logging.peak_tflops": 1.0,
+                                                       "checkpoint.export_final": False})
+    L.run(cfg)
+    shapes = L.preflight(cfg)
+    fpt = (L.flops_per_token(shapes["student"], 64, train=True)
+           + L.flops_per_token(shapes["teachers"]["teacher"], 64, train=False))
+    assert len(recs) == 2
+    for r in recs:
+        assert math.isclose(r["mfu"] / r["tok_s"], fpt / (2 * 1e12), rel_tol=1e-9), (r["mfu"] / r["tok_s"], fpt)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # sft, upcycle + MoE student, store round trip
 

@@ -607,7 +607,8 @@ def _run(cfg: Config, env: parallel.Env, shapes: dict) -> Path:
     ctx = StepContext(module, optimizer, teachers, attn_teacher, env, o.grad_clip,
                       1.0 / (cfg.data.grad_accum * env.world_size), cfg.teachers.k)
     seq_tokens = cfg.data.seq_len * sampler.global_batch
-    flops = peak_flops(env.device, cfg.logging.peak_tflops)
+    peak = peak_flops(env.device, cfg.logging.peak_tflops)
+    peak_all = peak * env.world_size if peak else None  # step_flops count every rank's tokens
     step_flops = flops_per_token(student.args, cfg.data.seq_len, train=True) * seq_tokens
     if teachers is not None:
         for name in cfg.teachers.named:
@@ -646,7 +647,7 @@ def _run(cfg: Config, env: parallel.Env, shapes: dict) -> Path:
                 "aux": s["aux"] * ctx.aux_scale, "grad_norm": s["grad_norm"], "lr": lr,
                 "tokens": counters["tokens"], "step_tokens": seq_tokens, "tok_s": seq_tokens / dt,
                 "skipped": counters["skipped"], "peak_mem_gb": peak_memory_gb(env.device),
-                "mfu": step_flops / dt / flops if flops else None,
+                "mfu": step_flops / dt / peak_all if peak_all else None,
             }, force=step == cfg.schedule.steps)
             if counters["bad_in_a_row"] >= o.max_bad_steps:
                 raise RuntimeError(f"{counters['bad_in_a_row']} non-finite steps in a row (optim.max_bad_steps="
