@@ -155,7 +155,7 @@ def load_hf(path, dtype: torch.dtype = torch.float32, device: str | torch.device
     located = _shard_files(path)
     unexpected = sorted(set(located) - set(shapes))
     if unexpected:
-        raise ValueError(f"{path}: unexpected tensor(s) {unexpected[:5]} for a {args_from_config.__name__} "
+        raise ValueError(f"{path}: unexpected tensor(s) {unexpected[:5]} for a "
                          f"{'Mixtral' if args.moe else 'Mistral'} config; remove them or fix config.json")
     missing = sorted(set(shapes) - set(located))
     if missing:
