@@ -93,28 +93,6 @@ def config_from_args(a: ModelArgs, dtype: torch.dtype) -> dict:
     return cfg
 
 
-def _expected_shapes(a: ModelArgs) -> dict[str, tuple]:
-    """HF name -> shape, for every tensor the directory must hold."""
-    hd, F_ = a.head_dim, a.hidden_dim
-    shapes = {"model.embed_tokens.weight": (a.vocab_size, a.dim), "model.norm.weight": (a.dim,),
-              "lm_head.weight": (a.vocab_size, a.dim)}
-    per_layer = {"self_attn.q_proj.weight": (a.n_heads * hd, a.dim), "self_attn.k_proj.weight": (a.n_kv_heads * hd, a.dim),
-                 "self_attn.v_proj.weight": (a.n_kv_heads * hd, a.dim), "self_attn.o_proj.weight": (a.dim, a.n_heads * hd),
-                 "input_layernorm.weight": (a.dim,), "post_attention_layernorm.weight": (a.dim,)}
-    if a.moe is None:
-        per_layer.update({"mlp.gate_proj.weight": (F_, a.dim), "mlp.up_proj.weight": (F_, a.dim),
-                          "mlp.down_proj.weight": (a.dim, F_)})
-    else:
-        per_layer["block_sparse_moe.gate.weight"] = (a.moe.num_experts, a.dim)
-        for e in range(a.moe.num_experts):
-            per_layer.update({f"block_sparse_moe.experts.{e}.w1.weight": (F_, a.dim),
-                              f"block_sparse_moe.experts.{e}.w3.weight": (F_, a.dim),
-                              f"block_sparse_moe.experts.{e}.w2.weight": (a.dim, F_)})
-    for i in range(a.n_layers):
-        shapes.update({f"model.layers.{i}.{k}": v for k, v in per_layer.items()})
-    return shapes
-
-
 def _simple_name_map(a: ModelArgs) -> dict[str, str]:
     """HF name -> our name for every tensor that maps one to one (all but the experts)."""
     pairs = list(_GLOBAL_MAP)
@@ -151,7 +129,11 @@ def load_hf(path, dtype: torch.dtype = torch.float32, device: str | torch.device
     if not cfg_file.exists():
         raise ValueError(f"{cfg_file} not found; `path` must be an HF model directory with config.json")
     args = args_from_config(json.loads(cfg_file.read_text()), where=str(cfg_file))
-    shapes = _expected_shapes(args)
+    with torch.device("meta"):
+        model = Transformer(args)
+    # The directory must hold exactly what save_hf writes for this config: its names and shapes, read off the
+    # meta model (no memory, no copies).
+    shapes = {name: tuple(t.shape) for name, t in hf_state_dict(model).items()}
     located = _shard_files(path)
     unexpected = sorted(set(located) - set(shapes))
     if unexpected:
@@ -162,8 +144,6 @@ def load_hf(path, dtype: torch.dtype = torch.float32, device: str | torch.device
         raise ValueError(f"{path}: missing tensor(s) {missing[:5]} (of {len(missing)}); the checkpoint is "
                          "incomplete or config.json describes another model")
 
-    with torch.device("meta"):
-        model = Transformer(args)
     names = _simple_name_map(args)
     state: dict[str, torch.Tensor] = {}
     if args.moe is not None:
