@@ -48,6 +48,7 @@ from train.attn_loss import attention_kl_sum, check_compatible
 from train.config import Config, ConfigError, write_resolved
 from train.data import tokenizer_fingerprint
 from train.store import tokenizer_sha256
+from train.teacher import sum_over_ranks
 
 IGNORE = -100
 TRAIN_SUBCOMMANDS = ("kd", "dae", "sft")
@@ -669,16 +670,9 @@ def _run(cfg: Config, env: parallel.Env, shapes: dict) -> Path:
             export_student(module, run_dir / "final", env, cfg.data.tokenizer or cfg.model.path, strategy)
             out.info(f"final student: {run_dir / 'final'}")
         if teachers is not None:
-            out.info(f"rows per teacher (all ranks): {global_rows_seen(teachers, env)}")
+            out.info(f"rows per teacher (all ranks): {sum_over_ranks(teachers.rows_seen)}")
     out.close(cfg.logging.plot)
     return run_dir
-
-
-def global_rows_seen(teachers, env: parallel.Env) -> dict[str, int]:
-    names = sorted(teachers.rows_seen)
-    counts = torch.tensor([teachers.rows_seen[n] for n in names], dtype=torch.long, device=env.device)
-    parallel.all_reduce_sum(counts, env)
-    return dict(zip(names, counts.tolist()))
 
 
 def _resume_point(cfg: Config, run_dir: Path) -> Path | None:

@@ -198,6 +198,18 @@ def collective_device() -> torch.device:
     return _mesh_device() if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
+def sum_over_ranks(counts: dict[str, int]) -> dict[str, int]:
+    """Integer counts by name, summed over the ranks of the process group (unchanged without one); every rank
+    must call it with the same names. Host sync (the sums come back to Python)."""
+    if not _distributed():
+        return dict(counts)
+    import torch.distributed as dist
+    names = sorted(counts)
+    t = torch.tensor([counts[n] for n in names], dtype=torch.long, device=collective_device())
+    dist.all_reduce(t)
+    return dict(zip(names, t.tolist()))
+
+
 @dataclass
 class TeacherSpec:
     """One teacher of a run: online (`path`, an HF directory) or offline (`store`, a directory written by
@@ -247,14 +259,11 @@ class TeacherSet:
         return groups
 
     def _global_counts(self, groups: dict[str, list[int]]) -> dict[str, int] | None:
-        """Rows per teacher summed over ranks, when a sharded teacher needs all ranks to call it together."""
+        """Rows per teacher summed over ranks, when a sharded teacher needs all ranks to call it together.
+        Host sync: one per step, decides which teachers run."""
         if not any(isinstance(s, OnlineTeacher) and s.sharded for s in self.sources.values()):
             return None
-        import torch.distributed as dist
-        names = sorted(self.sources)
-        counts = torch.tensor([len(groups.get(n, ())) for n in names], dtype=torch.long, device=collective_device())
-        dist.all_reduce(counts)
-        return dict(zip(names, counts.tolist()))  # host sync: one per step, decides which teachers run
+        return sum_over_ranks({n: len(groups.get(n, ())) for n in self.sources})
 
     def signals(self, batch) -> TopK:
         """TopK [B, T, K] on `self.device`; each row from its own teacher, each teacher run once on its rows."""
