@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from train.data import tokenizer_fingerprint
-from train.teacher import (IGNORE_INDEX, OnlineTeacher, TopK, collective_device, default_dtype, dense_topk,
-                           loss_positions)
+from train.teacher import (IGNORE_INDEX, OnlineTeacher, TopK, _distributed, _mesh_device, collective_device,
+                           default_dtype, dense_topk, loss_positions)
 
 FORMAT = "topk-store-v1"
 LOGPROB_DTYPES = ("float16", "bfloat16")
@@ -102,26 +102,23 @@ def expected_for(packed_dataset, k: int, tokenizer_dir=None) -> dict:
 # Small file helpers: every visible file appears by an atomic rename of a complete, fsynced temporary
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, write) -> None:
+    """`write(file)` into a temporary beside `path`, fsync, then rename it to `path`."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
-        f.write(data)
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
 def _atomic_write_json(path: Path, obj) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+    data = (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+    _atomic_write(path, lambda f: f.write(data))
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
 
 
 def _read_json(path: Path):
@@ -132,11 +129,6 @@ def _names(rank: int, world_size: int) -> dict[str, str]:
     tag = f"{rank:05d}-of-{world_size:05d}"
     return {"ids": f"ids-{tag}.npy", "logprobs": f"logprobs-{tag}.npy", "index": f"index-{tag}.npy",
             "part": f"part-{tag}.json", "progress": f"progress-{tag}.json"}
-
-
-def _distributed() -> bool:
-    import torch.distributed as dist
-    return dist.is_available() and dist.is_initialized()
 
 
 def _any_rank(flag: bool) -> bool:
@@ -204,8 +196,7 @@ def run_capture(teacher_path, packed_dataset, out_dir, k: int, batch_size: int, 
     V = int(config["vocab_size"])
     if k > V:
         raise ValueError(f"k={k} exceeds the teacher's vocab_size={V}")
-    device = torch.device(device) if device is not None else (
-        torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
+    device = torch.device(device) if device is not None else _mesh_device()
     compute_dtype = compute_dtype or default_dtype(device)
     sharded = shard and _distributed()
 
