@@ -47,7 +47,7 @@ from train import parallel
 from train.attn_loss import attention_kl_sum, check_compatible
 from train.config import Config, ConfigError, write_resolved
 from train.data import tokenizer_fingerprint
-from train.store import tokenizer_sha256
+from train.store import expected_for, tokenizer_sha256
 from train.teacher import sum_over_ranks
 
 IGNORE = -100
@@ -480,9 +480,8 @@ def build_teachers(cfg: Config, packed, env: parallel.Env):
     else:
         names = list(packed.teacher_names)
     dtype = None if t.dtype == "auto" else getattr(torch, t.dtype)
-    # Stores must be captured from exactly this packing; the tokenizer was compared by content in preflight.
-    expected = {"dataset_fingerprint": packed.fingerprint, "seq_len": packed.seq_len}
-    return build(specs, t.k, device=env.device, dtype=dtype, names=names, expected=expected)
+    # Stores must be captured from exactly this packing and k; the tokenizer was compared by content in preflight.
+    return build(specs, t.k, device=env.device, dtype=dtype, names=names, expected=expected_for(packed, t.k))
 
 
 def decay_groups(module: nn.Module, weight_decay: float) -> list[dict]:
