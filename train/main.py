@@ -169,7 +169,7 @@ def export(cfg) -> None:
 
     import model as M
     from train import checkpoint as ckpt
-    from train.loop import LossSettings, StudentWithLoss, copy_tokenizer
+    from train.loop import LossSettings, StudentWithLoss, _model_args, copy_tokenizer
     path = Path(cfg.export.checkpoint)
     if not (path / ckpt.STATE_FILE).exists():
         newest = ckpt.latest(path)
@@ -182,7 +182,7 @@ def export(cfg) -> None:
     if not model_path:
         raise SystemExit("export: set --model.path=<the student's HF directory the run started from> (its "
                          "config.json gives the architecture)")
-    args = M.hf.args_from_config(json.loads((Path(model_path) / "config.json").read_text()))
+    args = _model_args(model_path, "model.path")
     with torch.device("meta"):
         student = M.Transformer(args)
     student = student.to_empty(device="cpu")  # fp32 shell; DCP fills it, then it is cast for saving
