@@ -121,10 +121,11 @@ class Pipeline:
                              ).hexdigest()[:16]
         d = self.out / name
         marker = d / "stage.json"
-        if marker.exists() and json.loads(marker.read_text()).get("key") == key:
+        done = json.loads(marker.read_text()) if marker.exists() else {}
+        if done.get("key") == key:
             self.log(f"{name}: cached ({d})")
             self.cached.append(name)
-            self.times[name] = json.loads(marker.read_text()).get("seconds", 0.0)
+            self.times[name] = done.get("seconds", 0.0)
             return d, key
         if d.exists():
             shutil.rmtree(d)
@@ -143,26 +144,21 @@ class Pipeline:
 # Stages
 
 
-def _write_jsonl(path: Path, rows) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-
-
 def build_data(d: Path, size: DemoSize) -> None:
     """Corpus, tokenizer, and the row files each stage trains on (all subsets of train.jsonl)."""
-    from train.demo_data import generate_corpus, train_tokenizer
+    from train.demo_data import generate_corpus, train_tokenizer, write_jsonl
     paths = generate_corpus(size.data_seed, d, size.n_train, size.n_eval)
     train_tokenizer([paths["train"]], d / "tokenizer", vocab_size=size.vocab_size, seed=size.data_seed)
     rows = [json.loads(line) for line in open(paths["train"], encoding="utf-8")]
     general = [r for r in rows if not r["domain"]]
     domain = [r for r in rows if r["domain"]]
-    _write_jsonl(d / "general.jsonl", general)      # the teacher's data
-    _write_jsonl(d / "domain.jsonl", domain)        # the domain expert's data, and DAE's domain rows
+    write_jsonl(d / "general.jsonl", general)      # the teacher's data
+    write_jsonl(d / "domain.jsonl", domain)        # the domain expert's data, and DAE's domain rows
     # The students' budget: the first share of the teacher's rows (the corpus is shuffled already).
-    _write_jsonl(d / "student.jsonl", general[:round(size.student_fraction * len(general))])
+    n_student = round(size.student_fraction * len(general))
+    write_jsonl(d / "student.jsonl", general[:n_student])
     (d / "counts.json").write_text(json.dumps({"general": len(general), "domain": len(domain),
-                                               "student": round(size.student_fraction * len(general))}))
+                                               "student": n_student}))
 
 
 def _model_args(arch: Arch, vocab: int, seq_len: int):
@@ -313,20 +309,33 @@ def results_table(mean: dict, std: dict, columns: list) -> str:
                         spread={LABELS[m]: std[m] for m in names} if multi else None)
 
 
-def _last_ce(run_dir: Path) -> float | None:
+def _metrics(run_dir: Path) -> list[dict]:
+    """The trainer's metrics.jsonl records of a run ([] when it has none)."""
     f = Path(run_dir) / "metrics.jsonl"
     if not f.exists():
-        return None
-    recs = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        return []
+    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+
+
+def _last_ce(run_dir: Path) -> float | None:
+    recs = _metrics(run_dir)
     return recs[-1]["ce"] if recs else None
 
 
-def plot_families(mean: dict, families: list, path: Path) -> bool:
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, or None where matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot_families(mean: dict, families: list, path: Path) -> bool:
+    plt = _pyplot()
+    if plt is None:
         print("matplotlib not installed: no plots (pip install matplotlib)")
         return False
     names = [m for m in MODELS if m in mean]
@@ -350,11 +359,8 @@ def plot_families(mean: dict, families: list, path: Path) -> bool:
 def plot_loss_curves(runs: dict, path: Path) -> bool:
     """runs: {label: run dir with metrics.jsonl}: one panel per stage kind, the training loss of every run (and,
     for KD runs, the cross-entropy on the labels, which is what SFT minimises)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return False
     panels = {"teacher / domain expert (CE)": ["teacher", "domain_expert"],
               "students (solid: training loss, dashed: CE)": list(STUDENTS), "DAE (KD loss; dashed: CE)": ["dae"]}
@@ -363,10 +369,9 @@ def plot_loss_curves(runs: dict, path: Path) -> bool:
         for label, run_dir in runs.items():
             if label.split("@")[0] not in names:
                 continue
-            f = Path(run_dir) / "metrics.jsonl"
-            if not f.exists():
+            recs = _metrics(run_dir)
+            if not recs:
                 continue
-            recs = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
             steps = [r["step"] for r in recs]
             line, = ax.plot(steps, [r["loss"] for r in recs], label=label)
             if any(r["kd"] for r in recs):  # KD runs: their CE on the labels too, comparable with SFT's loss

@@ -317,6 +317,13 @@ def _families_for(n: int, domain_share: float, rng: random.Random) -> list[str]:
     return families
 
 
+def write_jsonl(path, rows) -> None:
+    """One JSON object per line, UTF-8 kept as is."""
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
 def generate_corpus(seed: int, out_dir, n_train: int, n_eval: int, domain_share: float = 0.2,
                     two_turn_share: float = 0.25) -> dict:
     """Write train.jsonl, eval.jsonl and catalogue.json under out_dir (module doc); returns their paths."""
@@ -364,10 +371,8 @@ def generate_corpus(seed: int, out_dir, n_train: int, n_eval: int, domain_share:
 
     paths = {"train": out_dir / "train.jsonl", "eval": out_dir / "eval.jsonl",
              "catalogue": out_dir / "catalogue.json"}
-    for split, rows in (("train", train_rows), ("eval", eval_rows)):
-        with open(paths[split], "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_jsonl(paths["train"], train_rows)
+    write_jsonl(paths["eval"], eval_rows)
     table = [{k: v for k, v in p.items() if k != "eval_phrasing"} for p in catalogue]
     paths["catalogue"].write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
     return {k: str(v) for k, v in paths.items()}
