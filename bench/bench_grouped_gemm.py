@@ -80,6 +80,21 @@ def bench_gemms(T_list, D, F, dtype, device, bench, variants):
             del x_MK, w_ENK, dy_MN
 
 
+def _peer(device, dtype) -> list:
+    """torch._grouped_mm as a variant where this torch has it and it runs forward and backward on `device` in
+    `dtype` (torch 2.13 runs it on the CPU too; older builds need bf16 on sm90+), else nothing."""
+    if not hasattr(torch, "_grouped_mm"):
+        return []
+    try:
+        x = torch.randn(8, 16, device=device, dtype=dtype, requires_grad=True)
+        w = torch.randn(2, 8, 16, device=device, dtype=dtype, requires_grad=True)
+        y = _torch_grouped_mm(x, w, torch.tensor([0, 3, 8], device=device, dtype=torch.int32))
+        y.backward(torch.randn_like(y))  # a dense upstream grad, as in the bench (sum()'s is zero-stride)
+    except (RuntimeError, NotImplementedError):
+        return []
+    return [("torch._grouped_mm", _torch_grouped_mm)]
+
+
 def _torch_grouped_mm(x_MK, w_ENK, offsets_E1):
     # torch._grouped_mm(mat_a [M, K], mat_b [E, K, N], offs = int32 cumulative row ends [E]); bf16, sm90+.
     return torch._grouped_mm(x_MK, w_ENK.transpose(1, 2), offs=offsets_E1[1:])
@@ -140,20 +155,17 @@ def main():
         D, F, T_list, dtype = 4096, 14336, (4096, 16384), torch.bfloat16
         print(f"# GPU: {torch.cuda.get_device_name(0)}, bf16, E={E}, k={k}; fwd+bwd counts 3x the forward FLOPs")
 
-        def variants(o):
-            v = [("triton grouped_mm", grouped_mm)]
-            if hasattr(torch, "_grouped_mm"):
-                v.append(("torch._grouped_mm", _torch_grouped_mm))
-            v.append(("torch loop (grouped_mm_ref)", grouped_mm_ref))
-            return v
-        bench_gemms(T_list, D, F, dtype, "cuda", bench, variants)
+        peer = _peer("cuda", dtype)
+        bench_gemms(T_list, D, F, dtype, "cuda", bench,
+                    lambda o: [("triton grouped_mm", grouped_mm)] + peer + [("torch loop (grouped_mm_ref)", grouped_mm_ref)])
         bench_block(T_list, D, F, dtype, "cuda", bench, "triton")
     else:
         # Small enough for < 1 min on 2 shared cores; torch paths only (the Triton interpreter is a test tool).
         D, F, T_list, dtype = 256, 512, (512,), torch.float32
         print(f"# CPU only (no CUDA device): GPU figures missing; torch paths only, fp32, E={E}, k={k}, "
               f"D={D}, F={F} instead of Mixtral's 4096, 14336")
-        bench_gemms(T_list, D, F, dtype, "cpu", bench, lambda o: [("torch loop (grouped_mm_ref)", grouped_mm_ref)])
+        peer = _peer("cpu", dtype)
+        bench_gemms(T_list, D, F, dtype, "cpu", bench, lambda o: peer + [("torch loop (grouped_mm_ref)", grouped_mm_ref)])
         bench_block(T_list, D, F, dtype, "cpu", bench, "torch")
 
 
