@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from model.generate import generate
+from train.data import IGNORE
 
-IGNORE = -100
 DOMAIN_TEACHER = "domain"
 
 

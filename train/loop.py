@@ -46,11 +46,10 @@ from train import checkpoint as ckpt
 from train import parallel
 from train.attn_loss import attention_kl_sum, check_compatible
 from train.config import Config, ConfigError, write_resolved
-from train.data import tokenizer_fingerprint
+from train.data import IGNORE, tokenizer_fingerprint
 from train.store import expected_for, tokenizer_sha256
 from train.teacher import sum_over_ranks
 
-IGNORE = -100
 TRAIN_SUBCOMMANDS = ("kd", "dae", "sft")
 # Per-step statistics, summed over micro-batches and ranks (one all-reduce) and read on the host once.
 STATS = ("loss", "ce_sum", "kd_sum", "attn_sum", "aux", "stop")

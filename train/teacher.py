@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from model import Transformer, load_hf
-
-IGNORE_INDEX = -100
+from train.data import IGNORE as IGNORE_INDEX  # the data pipeline defines the no-loss label
 
 
 class TopK(NamedTuple):
