@@ -1,16 +1,53 @@
 #!/usr/bin/env bash
-# Runs every benchmark in bench/ and appends one dated section to bench/RESULTS.md: machine, commit, versions,
-# then each script's table verbatim. On a machine without CUDA the scripts run their CPU parts and say that the
-# GPU figures are missing; nothing is invented. Usage: bash bench/run_all.sh [PYTHON]
+# Runs the benchmarks in bench/ and appends one dated section to bench/RESULTS.md: machine, commit, versions,
+# then each stage's output verbatim. On a machine without CUDA the scripts run their CPU parts and say that the
+# GPU figures are missing; nothing is invented.
+#
+# Usage: [PYTHON=python3] [STAGE_TIMEOUT=s] bash bench/run_all.sh [STAGE ...]
+#   stages, in this order by default: compile tests routing kd_loss grouped_gemm step
+#     compile       bench/compile_sm90.py: registers, spills, shared memory of every kernel for sm_90 (no GPU)
+#     tests         tests/test_gpu_kernels.py + grouped GEMM's CUDA test, compiled (GPU only): bf16 vs fp32 references, no host sync, graph
+#     routing, kd_loss, grouped_gemm, step   bench/bench_<stage>.py
+#   STAGE_TIMEOUT bounds each stage (default 1800 s); a stage that runs out says so and the next one starts.
+#   Where $OUT is set (the device machine), the section is also written to $OUT/RESULTS.section.md, since
+#   the working tree there does not come back.
+#
+# On a lent H200 (one `run` is at most 600 s, 30 min of device time per session), two calls cover the kernels:
+#   PYTHON=python3 STAGE_TIMEOUT=280 bash bench/run_all.sh compile tests routing kd_loss
+#   PYTHON=python3 STAGE_TIMEOUT=540 bash bench/run_all.sh grouped_gemm
+# then append each $OUT/RESULTS.section.md to bench/RESULTS.md here and commit it. `step --scale gpu` writes
+# ~40 GB of random HF weights first: a call of its own, if the lease has time left.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${1:-${PYTHON:-.venv/bin/python}}
-[ -x "$PY" ] || PY=python3
-OUT=bench/RESULTS.md
+PY=${PYTHON:-.venv/bin/python}
+[ -x "$PY" ] || command -v "$PY" >/dev/null || PY=python3
+LIMIT=${STAGE_TIMEOUT:-1800}
+STAGES=("$@")
+[ ${#STAGES[@]} -gt 0 ] || STAGES=(compile tests routing kd_loss grouped_gemm step)
+for s in "${STAGES[@]}"; do
+  case $s in compile|tests|routing|kd_loss|grouped_gemm|step) ;;
+    *) echo "unknown stage '$s': choose from compile tests routing kd_loss grouped_gemm step" >&2; exit 2 ;;
+  esac
+done
+RESULTS=bench/RESULTS.md
 tmp=$(mktemp)
+
+stage() {  # stage TITLE COMMAND...: one fenced block with the command's output, bounded by $LIMIT
+  local title=$1; shift
+  echo
+  echo "### $title"
+  echo
+  echo '```'
+  PYTHONPATH=. timeout "$LIMIT" "$@" 2>&1 | grep -v -E "^(Writing|Loading) |UserWarning|warn_once"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 124 ] && echo "(stopped after STAGE_TIMEOUT=${LIMIT} s)"
+  [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && echo "(exit code $rc)"
+  echo '```'
+}
+
 {
   echo
-  echo "## $(date -u +%Y-%m-%dT%H:%MZ) — commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo '+dirty')"
+  echo "## $(date -u +%Y-%m-%dT%H:%MZ) — commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo '+dirty') — stages: ${STAGES[*]}"
   echo
   "$PY" - <<'PYEOF'
 import platform, torch
@@ -26,29 +63,24 @@ gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU
 print(f"- machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads; GPU: {gpu}")
 print(f"- torch {torch.__version__}, triton {tv}, transformers {hv}, python {platform.python_version()}")
 PYEOF
-  echo
-  echo "### GPU kernel tests (tests/test_gpu_kernels.py: bf16 vs fp32 references, no host sync, CUDA graph)"
-  echo
-  echo '```'
-  if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    TRITON_INTERPRET=0 timeout 1200 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py 2>&1 | tail -n 15
-  else
-    echo "skipped: no CUDA device (GPU figures missing)"
-  fi
-  echo '```'
-  for b in bench/bench_routing.py bench/bench_grouped_gemm.py bench/bench_kd_loss.py bench/bench_step.py; do
-    echo
-    echo "### $(basename "$b")"
-    echo
-    echo '```'
-    if [ -f "$b" ]; then
-      PYTHONPATH=. timeout 1800 "$PY" "$b" 2>&1 | grep -v -E "^(Writing|Loading) " || echo "(exit code $?)"
-    else
-      echo "(missing: $b)"
-    fi
-    echo '```'
+  has_cuda=0
+  "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" && has_cuda=1
+  for s in "${STAGES[@]}"; do
+    case $s in
+      compile) stage "compile_sm90.py (static: Triton's sm_90 build of every kernel)" "$PY" bench/compile_sm90.py ;;
+      tests)
+        if [ $has_cuda = 1 ]; then
+          stage "GPU kernel tests (tests/test_gpu_kernels.py: bf16 vs fp32 references, no host sync, CUDA graph)" \
+            env TRITON_INTERPRET=0 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py \
+            tests/test_grouped_gemm.py::test_cuda_matches_ref_without_host_sync
+        else
+          printf '\n### GPU kernel tests (tests/test_gpu_kernels.py)\n\n```\nskipped: no CUDA device (GPU figures missing)\n```\n'
+        fi ;;
+      *) stage "bench_$s.py" "$PY" "bench/bench_$s.py" ;;
+    esac
   done
 } | tee "$tmp"
-cat "$tmp" >> "$OUT"
+cat "$tmp" >> "$RESULTS"
+if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then cp "$tmp" "$OUT/RESULTS.section.md"; fi
 rm -f "$tmp"
-echo "appended to $OUT"
+echo "appended to $RESULTS"

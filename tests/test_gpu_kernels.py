@@ -1,14 +1,17 @@
 """GPU checks of the three kernels (skipped without CUDA): bf16 against the fp32 references, no host sync,
 CUDA-graph capture of the routing.
 
+Every case first fills the caching allocator's free memory with NaN (`_poison`), so an output element that no
+kernel writes stays NaN and fails the comparison (empty outputs come out of that memory).
+
 The bf16 rule (issue 11): our error against the fp32 oracle (the reference run in fp32 on the same, already
 bf16-rounded inputs) is at most the error of plain bf16 torch (the reference run with bf16 tensors, i.e. bf16
-matmuls) plus a small tolerance. Run alone and compiled, not interpreted (the other kernel test modules set
-TRITON_INTERPRET=1 for the CPU):
+matmuls) plus a small tolerance. Run alone and compiled, not interpreted (tests/conftest.py sets
+TRITON_INTERPRET=1 unless the environment already sets it):
 
     TRITON_INTERPRET=0 .venv/bin/pytest -q tests/test_gpu_kernels.py
 
-`bench/run_all.sh` does this first when it finds a GPU.
+`bash bench/run_all.sh tests` runs this (and the grouped GEMM's CUDA test) on a GPU machine.
 """
 import os
 
@@ -17,6 +20,7 @@ import torch
 
 from kernels.grouped_gemm import grouped_mm, grouped_mm_ref
 from kernels.kd_loss import linear_topk_kd_loss, linear_topk_kd_loss_ref, loss_from_logits_ref
+from kernels.moe import moe_experts, moe_experts_ref
 from kernels.routing import route_topk, route_topk_ref
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
@@ -26,6 +30,12 @@ DEV, LOW = "cuda", torch.bfloat16
 
 def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _poison(nbytes=4 << 30):
+    """Hand the caching allocator NaN-filled blocks: freed, they back the next torch.empty outputs, so an element
+    nothing writes reads NaN (METHOD.md: poison the output, check that every element was written)."""
+    torch.full((nbytes // 4,), float("nan"), device=DEV)  # freed at once, kept cached by the allocator
 
 
 class _NoSync:
@@ -46,6 +56,7 @@ def _routing_case(T=16384, E=8, k=2, seed=0):
     logits = torch.randn(T, E, generator=gen).to(DEV, LOW).requires_grad_()
     g_w = torch.randn(T, k, generator=gen).to(DEV)
     g_p = torch.randn(T, E, generator=gen).to(DEV)
+    _poison()
     with _NoSync():
         r = route_topk(logits, k)
         (r.weights_TK * g_w).sum().add((r.probs_TE * g_p).sum()).backward()
@@ -88,16 +99,20 @@ def test_routing_captures_in_a_cuda_graph():
         assert torch.equal(a, b)
 
 
-def _grouped_mm_errors(M, E, N, K, seed=1):
+def _grouped_mm_errors(M, E, N, K, one_expert=False, seed=1):
     """[(ours, bf16 torch) relative errors against the fp32 oracle] for y, dx, dw; no host sync inside ours."""
     gen = torch.Generator().manual_seed(seed)
     counts = torch.multinomial(torch.ones(E), M, replacement=True, generator=gen).bincount(minlength=E)
     counts[0] += counts[E // 2]
     counts[E // 2] = 0  # an expert with no rows
+    if one_expert:  # every row on the last expert: the others have none (their dW must be exact zeros)
+        counts = torch.zeros(E, dtype=torch.int64)
+        counts[-1] = M
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(DEV, torch.int32)
     x = torch.randn(M, K, generator=gen).to(DEV, LOW).requires_grad_()
     w = (torch.randn(E, N, K, generator=gen) / K ** 0.5).to(DEV, LOW).requires_grad_()
     dy = torch.randn(M, N, generator=gen).to(DEV, LOW)
+    _poison()
     with _NoSync():
         y = grouped_mm(x, w, offsets)
         y.backward(dy)
@@ -111,9 +126,42 @@ def _grouped_mm_errors(M, E, N, K, seed=1):
             for ours, base, oracle in ((y, yb, y32), (x.grad, xb.grad, x32.grad), (w.grad, wb.grad, w32.grad))]
 
 
-def test_grouped_mm_bf16_rule_and_no_sync():
-    for ours, base in _grouped_mm_errors(M=4096, E=8, N=1536, K=1024):
+@pytest.mark.parametrize("one_expert", [False, True])
+def test_grouped_mm_bf16_rule_and_no_sync(one_expert):
+    # M / E = 512 rows per expert: the launcher's large-tile class (128 x 256 x 64), as at Mixtral's shapes.
+    for ours, base in _grouped_mm_errors(M=4096, E=8, N=1536, K=1000, one_expert=one_expert):
         assert ours <= base + 2e-3
+
+
+def test_moe_experts_bf16_rule_and_no_sync():
+    """The whole expert block as the model runs it (route_topk, gather fused into w13's loads, SwiGLU, scatter
+    fused into w2's stores, weighted combine): outputs and every gradient against the fp32 torch path."""
+    T, D, F, E, k = 2048, 512, 1024, 8, 2
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(T, D, generator=gen).to(DEV, LOW).requires_grad_()
+    gate = (torch.randn(E, D, generator=gen) / D ** 0.5).to(DEV, LOW).requires_grad_()
+    w13 = (torch.randn(E, 2 * F, D, generator=gen) / D ** 0.5).to(DEV, LOW).requires_grad_()
+    w2 = (torch.randn(E, D, F, generator=gen) / F ** 0.5).to(DEV, LOW).requires_grad_()
+    dy = torch.randn(T, D, generator=gen).to(DEV, LOW)
+
+    def run(path, ps, route):
+        xx, gg, a, b = ps
+        return path(xx, route(xx @ gg.T, k), a, b)
+
+    ours_ps = (x, gate, w13, w2)
+    _poison()
+    with _NoSync():
+        y = run(moe_experts, ours_ps, route_topk)
+        y.backward(dy)
+    oracle_ps = [p.detach().float().requires_grad_() for p in ours_ps]
+    y32 = run(moe_experts_ref, oracle_ps, route_topk_ref)
+    y32.backward(dy.float())
+    base_ps = [p.detach().clone().requires_grad_() for p in ours_ps]
+    yb = run(moe_experts_ref, base_ps, route_topk_ref)  # torch's bf16 path
+    yb.backward(dy)
+    assert _rel(y, y32) <= _rel(yb, y32) + 2e-3
+    for name, p, p32, pb in zip(("x", "gate", "w13", "w2"), ours_ps, oracle_ps, base_ps):
+        assert _rel(p.grad, p32.grad) <= _rel(pb.grad, p32.grad) + 5e-3, name
 
 
 def _kd_loss_errors(N, D, V, K, tau, lam=0.5, seed=2):
@@ -126,6 +174,7 @@ def _kd_loss_errors(N, D, V, K, tau, lam=0.5, seed=2):
     lp, ids = torch.log_softmax(torch.randn(N, V, generator=gen) * 2, -1).topk(K, dim=-1)
     labels, ids, lp = labels.to(DEV), ids.to(DEV), lp.to(DEV)
     n = (labels != -100).sum().float()
+    _poison()
     with _NoSync():
         out = linear_topk_kd_loss(h, W, labels, ids, lp, tau=tau, kd_weight=lam, normalizer=n, check_ids=False)
         out.loss.backward()
