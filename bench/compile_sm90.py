@@ -11,7 +11,7 @@ would build, and nothing is launched. Running on `meta` also shows there is no h
 For each compiled kernel: registers per thread, stack and local-memory bytes (> 0 means spills), shared memory,
 and whether the PTX has Hopper's wgmma (tensor-core GEMMs) and how many 16-byte global loads it issues.
 Needs Triton with its bundled CUDA tools (Linux x86-64 wheel); no CUDA driver, no GPU.
-Usage: python bench/compile_sm90.py [--only routing,grouped_gemm,kd_loss] [--json]
+Usage: python bench/compile_sm90.py [--only routing,grouped_gemm,kd_loss,odd_shapes] [--json]
 """
 import argparse
 import json
@@ -29,7 +29,7 @@ if __name__ == "__main__":
 
 import torch
 
-GROUPS = ("routing", "grouped_gemm", "kd_loss")
+GROUPS = ("routing", "grouped_gemm", "kd_loss", "odd_shapes")
 DEV = "meta"
 
 
@@ -109,6 +109,29 @@ def _kd_loss():
     return f"N={N} D={D} V={V} K={K} bf16, tau 1 and 2"
 
 
+def _odd_shapes():
+    # The other specialisations the tests and small models reach: masked K and N (not multiples of the blocks),
+    # the small-tile class (< 64 rows per expert), fp16 and fp32 GEMMs, a non-power-of-two vocabulary, k = 1.
+    from kernels.grouped_gemm import grouped_mm
+    from kernels.routing import route_topk
+    for M, N, K, dtype in ((257, 72, 100, torch.float16), (257, 72, 100, torch.float32),
+                           (1024, 1000, 1000, torch.bfloat16)):  # the last: 128 rows per expert, the middle class
+        x_MK = torch.empty(M, K, dtype=dtype, device=DEV, requires_grad=True)
+        w_ENK = torch.empty(8, N, K, dtype=dtype, device=DEV, requires_grad=True)
+        y_MN = grouped_mm(x_MK, w_ENK, torch.empty(9, dtype=torch.int32, device=DEV))
+        y_MN.backward(torch.empty_like(y_MN))
+    r = route_topk(torch.empty(371, 4, dtype=torch.float16, device=DEV, requires_grad=True), 1)
+    r.weights_TK.backward(torch.empty_like(r.weights_TK))
+    from kernels.kd_loss import _apply
+    h_ND = torch.empty(37, 64, dtype=torch.float32, device=DEV, requires_grad=True)
+    W_VD = torch.empty(777, 64, dtype=torch.float32, device=DEV, requires_grad=True)
+    out = _apply(True, h_ND, W_VD, torch.empty(37, dtype=torch.long, device=DEV),
+                 torch.empty(37, 5, dtype=torch.long, device=DEV), torch.empty(37, 5, device=DEV), 0.7, 0.5, None,
+                 None, False, None)
+    out.loss.backward()
+    return "grouped M=257 N=72 K=100 E=8 fp16+fp32, M=1024 N=K=1000 bf16; routing T=371 E=4 k=1 fp16; kd N=37 D=64 V=777 K=5 fp32"
+
+
 def _resource_usage(cubin: bytes) -> dict:
     import triton
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -138,7 +161,8 @@ def report(groups=GROUPS) -> list[dict]:
     rows, seen = [], set()
     for group in groups:
         start = len(compiled)
-        case = {"routing": _routing, "grouped_gemm": _grouped_gemm, "kd_loss": _kd_loss}[group]()
+        case = {"routing": _routing, "grouped_gemm": _grouped_gemm, "kd_loss": _kd_loss,
+                "odd_shapes": _odd_shapes}[group]()
         for name, kernel in compiled[start:]:
             key = (name, kernel.hash)  # a specialisation launched twice (e.g. fwd and dX) is reported once
             if key in seen:

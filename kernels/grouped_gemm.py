@@ -223,6 +223,11 @@ def _mm_config(M: int, N: int, K: int, E: int, dtype: torch.dtype) -> dict:
     - smaller (decode, tests): 32 x 64 x 64, 4 warps, 3 stages; padding rows cost more than a wide tile buys.
     fp32 halves BLOCK_K (same smem bytes). Blocks shrink to the next power of two >= N, K (at least 16, tl.dot's
     minimum) so that tiny test shapes do not compute mostly padding.
+    Row strides N or K that are not multiples of 16 elements (Triton specialises an integer argument only on
+    divisibility by 16, so it cannot prove K = 1000 rows 16-byte aligned) rule out vector loads and cp.async:
+    each element is its own load with its own address, and the tiles above spill (1.5 KB per thread at
+    128 x 256, 0.5 KB at 64 x 128 x 64; bench/compile_sm90.py on Triton 3.9). Such shapes get
+    BLOCK_M <= 64 x 128 x 32 (x 16 in fp32) at 8 warps: no spills.
     """
     rows_per_expert = M / max(E, 1)
     if rows_per_expert >= 256:
@@ -231,6 +236,8 @@ def _mm_config(M: int, N: int, K: int, E: int, dtype: torch.dtype) -> dict:
         bm, bn, bk, warps, stages = 64, 128, 64, 4, 4
     else:
         bm, bn, bk, warps, stages = 32, 64, 64, 4, 3
+    if N % 16 or K % 16:
+        bm, bn, bk, warps, stages = min(bm, 64), 128, 32, 8, 3
     if dtype == torch.float32:
         bk //= 2
     return dict(BLOCK_M=bm, BLOCK_N=min(bn, _pow2_at_least_16(N)), BLOCK_K=min(bk, _pow2_at_least_16(K)),
