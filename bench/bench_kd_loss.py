@@ -199,6 +199,8 @@ def _gpu():
             _row(name, shape, "bf16", ms, extra_mb, err)
         except torch.OutOfMemoryError:
             print(f"{name:<26} out of memory")
+        except Exception as e:  # noqa: BLE001 - e.g. torch.compile missing a host compiler: report, go on
+            print(f"{name:<26} n/a: {type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}")
         del h, W
         torch.cuda.empty_cache()
     print(f"# GPU: {torch.cuda.get_device_name(0)}; λ={LAM}; chunk C={_chunk_size(N, D, V)} tokens; "

@@ -4,7 +4,6 @@ Dimensions: T tokens, D hidden, F expert FFN hidden, E experts, K experts per to
 Expert weights are stacked: w13_E2FD = [E, 2F, D] (rows [0, F) = w1 gate, [F, 2F) = w3 up; the layout of
 transformers' MixtralExperts.gate_up_proj) and w2_EDF = [E, D, F] (MixtralExperts.down_proj).
 """
-import torch
 import torch.nn.functional as F_nn
 from torch import Tensor
 
