@@ -500,6 +500,11 @@ def test_bad_configs_fail_early(world, tmp_path, no_heavy_work):
     with pytest.raises(ConfigError, match="another tokenizer"):
         L.run(cfg_for(world, tmp_path / "run", **{"teachers.teacher.path": None,
                                                   "teachers.teacher.store": str(store)}))
+    manifest.update(tokenizer_sha256=None, rows_of="domain")  # a phase-2 store of one teacher's rows
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="only the rows of teacher 'domain'.*capture without capture.rows_of"):
+        L.run(cfg_for(world, tmp_path / "run", **{"teachers.teacher.path": None,
+                                                  "teachers.teacher.store": str(store)}))
 
 
 def test_cli_help_and_errors(capsys):

@@ -85,6 +85,9 @@ def check_store(store: str, name: str, vocab_size: int, cfg: Config, tok_dir: st
     if rows_of not in (None, name) and cfg.subcommand == "dae":
         raise ConfigError(f"store {store} holds the rows of teacher {rows_of!r}, but is configured as teacher "
                           f"{name!r}; swap the stores or capture with --capture.rows_of={name}")
+    if rows_of is not None and cfg.subcommand == "kd":  # else it fails after packing, at the first missing row
+        raise ConfigError(f"store {store} holds only the rows of teacher {rows_of!r} (captured with "
+                          f"--capture.rows_of={rows_of}); kd distils on every row: capture without capture.rows_of")
     theirs_tok, mine_tok = m.get("tokenizer_sha256"), tokenizer_sha256(tok_dir)
     if theirs_tok is not None and mine_tok is not None and theirs_tok != mine_tok:
         raise ConfigError(f"store {store} was captured with another tokenizer than the student's ({tok_dir}): "
