@@ -129,7 +129,8 @@ def _odd_shapes():
                  torch.empty(37, 5, dtype=torch.long, device=DEV), torch.empty(37, 5, device=DEV), 0.7, 0.5, None,
                  None, False, None)
     out.loss.backward()
-    return "grouped M=257 N=72 K=100 E=8 fp16+fp32, M=1024 N=K=1000 bf16; routing T=371 E=4 k=1 fp16; kd N=37 D=64 V=777 K=5 fp32"
+    return ("grouped M=257 N=72 K=100 E=8 fp16+fp32, M=1024 N=K=1000 bf16; routing T=371 E=4 k=1 fp16; "
+            "kd N=37 D=64 V=777 K=5 fp32")
 
 
 def _resource_usage(cubin: bytes) -> dict:

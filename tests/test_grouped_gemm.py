@@ -9,7 +9,6 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
 
-import copy  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -224,6 +223,39 @@ def test_moe_paths_agree_fp16(monkeypatch):
     monkeypatch.setenv("DISTILL_KERNELS", "triton")
     y16 = moe_experts(x_TD.half(), routing, w13.half(), w2.half())
     assert y16.dtype == torch.float16 and _rel(y16, y32) <= 2e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_cpu_torch_grouped_mm_path_matches_loop(dtype, monkeypatch):
+    """The CPU torch path (torch._grouped_mm where it runs) against the per-expert loop: output and gradients,
+    with an expert that receives no token."""
+    import kernels.moe as moe
+    if not moe._torch_grouped_mm_runs(dtype):
+        pytest.skip(f"torch._grouped_mm does not run on this CPU build in {dtype}")
+    monkeypatch.setenv("DISTILL_KERNELS", "torch")
+    calls = []
+    monkeypatch.setattr(moe, "_torch_grouped_mm", lambda *a: calls.append(1) or torch._grouped_mm(
+        a[0], a[1].transpose(1, 2), offs=a[2][1:]))
+    T, D, F, E, k = 45, 32, 24, 4, 2
+    gen = torch.Generator().manual_seed(11)
+    logits_TE = torch.randn(T, E, generator=gen)
+    logits_TE[:, 2] = -1e4  # expert 2 gets no token
+    routing = route_topk_ref(logits_TE, k)
+    assert routing.counts_E[2] == 0
+    x = torch.randn(T, D, generator=gen).to(dtype)
+    w13 = (torch.randn(E, 2 * F, D, generator=gen) * 0.2).to(dtype)
+    w2 = (torch.randn(E, D, F, generator=gen) * 0.2).to(dtype)
+    dy = torch.randn(T, D, generator=gen).to(dtype)
+    outs = []
+    for fn in (moe_experts, moe_experts_ref):
+        leaves = [t.clone().requires_grad_() for t in (x, w13, w2)]
+        y = fn(leaves[0], routing, *leaves[1:])
+        y.backward(dy)
+        outs.append([y] + [t.grad for t in leaves])
+    assert len(calls) == 2  # both GEMMs of moe_experts went through torch._grouped_mm
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    for a, b in zip(*outs):
+        assert a.dtype == dtype and _rel(a, b) <= tol
 
 
 # ---------------------------------------------------------------------------------------------------------------
