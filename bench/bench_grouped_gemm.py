@@ -8,8 +8,12 @@ for: our Triton grouped_mm, torch._grouped_mm (where this torch has it), the tor
 dense torch.matmul of the same FLOPs (the ceiling). Then the whole block (routing + experts + combine): ours vs
 transformers' MixtralSparseMoeBlock with the same weights (its default eager experts, and its "grouped_mm"
 experts where that exists). On a CPU: a small shape, torch paths only; the GPU figures are reported missing.
-Timings are never asserted. Usage: .venv/bin/python bench/bench_grouped_gemm.py
+Timings are never asserted. Usage: .venv/bin/python bench/bench_grouped_gemm.py [--sweep]
+--sweep (GPU): times candidate block sizes of the forward and dW kernels (MM_SWEEP, DW_SWEEP) at one Mixtral
+layer against the dense matmul, to choose the launchers' defaults on that GPU.
 """
+import sys
+
 import torch
 
 import kernels
@@ -147,7 +151,65 @@ def bench_block(T_list, D, F, dtype, device, bench, our_path):
         del x_TD, dy_TD, gate_ED, w13, w2
 
 
+# Candidate block sizes for `--sweep` (bf16, Mixtral's shapes). The first of each list is the launcher's default
+# for >= 256 rows per expert; every entry compiles for sm_90 without spills (bench/compile_sm90.py --only sweep).
+MM_SWEEP = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=st)
+            for bm, bn, bk, w, st in ((128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 4, 4),
+                                      (128, 128, 64, 8, 4), (256, 128, 64, 8, 3), (128, 256, 32, 8, 5),
+                                      (64, 256, 64, 4, 4))]
+DW_SWEEP = [dict(BLOCK_N=bn, BLOCK_K=bk, BLOCK_M=bm, num_warps=w, num_stages=st)
+            for bn, bk, bm, w, st in ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+                                      (128, 128, 64, 4, 4), (128, 128, 32, 8, 4), (128, 128, 128, 8, 2))]
+
+
+def _cfg_str(cfg):
+    keys = [k for k in cfg if k.startswith("BLOCK")]
+    return "x".join(str(cfg[k]) for k in keys) + f" w{cfg['num_warps']} s{cfg['num_stages']}"
+
+
+def sweep(T=16384, D=4096, F=14336, dtype=torch.bfloat16):
+    """Time each MM_SWEEP config on the forward (row-tiled) kernel and each DW_SWEEP config on the dW kernel, at
+    one Mixtral layer's w13 and w2 with balanced load, against the dense matmul of the same FLOPs: the figures
+    for choosing `_mm_config` / `_dw_config` defaults on this GPU. Reports; changes nothing."""
+    import triton.testing
+
+    from kernels.grouped_gemm import forced_config, grouped_mm_dw, grouped_mm_fwd
+    M = T * k
+    bench = make_timer(True, 0)
+    print(f"# sweep: T={T} (M={M}), bf16, balanced; '% dense' = our TFLOP/s over the dense matmul's, same FLOPs")
+    print(f"{'kernel':<8} {'gemm':<26} {'config (blocks, warps, stages)':<32} {'ms':>8} {'TFLOP/s':>8} {'% dense':>8}")
+    for gemm, N, Kc in (("w13", 2 * F, D), ("w2", D, F)):
+        shape = f"{gemm} M={M} N={N} K={Kc}"
+        x_MK = (torch.randn(M, Kc, device="cuda") * 0.5).to(dtype)
+        w_ENK = (torch.randn(E, N, Kc, device="cuda") * Kc ** -0.5).to(dtype)
+        dy_MN = torch.randn(M, N, device="cuda").to(dtype)
+        o = _offsets(_counts(M, "balanced"), "cuda")
+        flops = 2 * M * N * Kc
+        w_KN = w_ENK[0].T.contiguous()
+        dense_ms = triton.testing.do_bench(lambda: x_MK @ w_KN, return_mode="median")
+        del w_KN
+        print(f"{'dense':<8} {shape:<26} {'torch.matmul':<32} {dense_ms:>8.3f} {flops / dense_ms / 1e9:>8.1f} {100:>8.0f}")
+        for kernel, configs, fn in (
+                ("fwd", MM_SWEEP, lambda: grouped_mm_fwd(x_MK, w_ENK, o)),
+                ("dW", DW_SWEEP, lambda: grouped_mm_dw(dy_MN, x_MK, o, E))):
+            for cfg in configs:
+                try:
+                    with forced_config(**{"mm" if kernel == "fwd" else "dw": cfg}):
+                        ms = bench(fn)
+                    print(f"{kernel:<8} {shape:<26} {_cfg_str(cfg):<32} {ms:>8.3f} {flops / ms / 1e9:>8.1f} "
+                          f"{100 * dense_ms / ms:>8.0f}")
+                except Exception as e:  # noqa: BLE001 - e.g. out of shared memory: reported, the sweep goes on
+                    print(f"{kernel:<8} {shape:<26} {_cfg_str(cfg):<32} n/a: {type(e).__name__}: {str(e)[:60]}")
+        del x_MK, w_ENK, dy_MN
+
+
 def main():
+    if "--sweep" in sys.argv[1:]:
+        if not torch.cuda.is_available():
+            print("# --sweep times Triton kernels: it needs a CUDA device (none here); nothing measured")
+            return
+        sweep()
+        return
     cuda = torch.cuda.is_available()
     bench = make_timer(cuda, cpu_reps=3)
     print(f"{'variant':<38} {'shape':<26} {'load':<9} {'ms':>9} {'TFLOP/s':>8}")

@@ -11,7 +11,7 @@ would build, and nothing is launched. Running on `meta` also shows there is no h
 For each compiled kernel: registers per thread, stack and local-memory bytes (> 0 means spills), shared memory,
 and whether the PTX has Hopper's wgmma (tensor-core GEMMs) and how many 16-byte global loads it issues.
 Needs Triton with its bundled CUDA tools (Linux x86-64 wheel); no CUDA driver, no GPU.
-Usage: python bench/compile_sm90.py [--only routing,grouped_gemm,kd_loss,odd_shapes] [--json]
+Usage: python bench/compile_sm90.py [--only routing,grouped_gemm,kd_loss,odd_shapes,sweep] [--json]
 """
 import argparse
 import json
@@ -29,7 +29,7 @@ if __name__ == "__main__":
 
 import torch
 
-GROUPS = ("routing", "grouped_gemm", "kd_loss", "odd_shapes")
+GROUPS = ("routing", "grouped_gemm", "kd_loss", "odd_shapes", "sweep")
 DEV = "meta"
 
 
@@ -133,6 +133,24 @@ def _odd_shapes():
             "kd N=37 D=64 V=777 K=5 fp32")
 
 
+def _sweep():
+    # Every candidate of bench_grouped_gemm.py --sweep, forward (w13: gather-free row tiles) and dW, so that the
+    # GPU sweep only times configs that build without spills.
+    from bench.bench_grouped_gemm import DW_SWEEP, MM_SWEEP
+    from kernels.grouped_gemm import forced_config, grouped_mm_dw, grouped_mm_fwd
+    M, N, K, E = 32768, 28672, 4096, 8
+    x_MK = torch.empty(M, K, dtype=torch.bfloat16, device=DEV)
+    w_ENK = torch.empty(E, N, K, dtype=torch.bfloat16, device=DEV)
+    o = torch.empty(E + 1, dtype=torch.int32, device=DEV)
+    for cfg in MM_SWEEP:
+        with forced_config(mm=cfg):
+            grouped_mm_fwd(x_MK, w_ENK, o)
+    for cfg in DW_SWEEP:
+        with forced_config(dw=cfg):
+            grouped_mm_dw(torch.empty(M, N, dtype=torch.bfloat16, device=DEV), x_MK, o, E)
+    return f"bench_grouped_gemm --sweep candidates at M={M} N={N} K={K} E={E} bf16"
+
+
 def _resource_usage(cubin: bytes) -> dict:
     import triton
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -163,7 +181,7 @@ def report(groups=GROUPS) -> list[dict]:
     for group in groups:
         start = len(compiled)
         case = {"routing": _routing, "grouped_gemm": _grouped_gemm, "kd_loss": _kd_loss,
-                "odd_shapes": _odd_shapes}[group]()
+                "odd_shapes": _odd_shapes, "sweep": _sweep}[group]()
         for name, kernel in compiled[start:]:
             key = (name, kernel.hash)  # a specialisation launched twice (e.g. fwd and dX) is reported once
             if key in seen:

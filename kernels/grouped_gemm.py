@@ -20,6 +20,8 @@ dW); numerics run in the 3.9 interpreter (tests/test_grouped_gemm.py). Triton 3.
 these kernels with numpy 2 (its `range` over a runtime bound calls int() on a 1-element array): interpret with
 3.9; compiled 3.6 is unaffected.
 """
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -211,6 +213,23 @@ def _input_precision(t: Tensor) -> str:
     return "ieee"
 
 
+_FORCED: dict = {}  # {"mm": cfg, "dw": cfg} while `forced_config` is active (bench_grouped_gemm --sweep)
+
+
+@contextlib.contextmanager
+def forced_config(mm: dict | None = None, dw: dict | None = None):
+    """Launch with these block sizes instead of the per-shape-class defaults (dicts shaped like `_mm_config`'s /
+    `_dw_config`'s results). For the sweep in bench/bench_grouped_gemm.py that picks the defaults on a GPU; the
+    caller owns the configs' validity (powers of two, tl.dot's minimum of 16, shared memory)."""
+    saved = dict(_FORCED)
+    _FORCED.update({k: v for k, v in (("mm", mm), ("dw", dw)) if v is not None})
+    try:
+        yield
+    finally:
+        _FORCED.clear()
+        _FORCED.update(saved)
+
+
 def _mm_config(M: int, N: int, K: int, E: int, dtype: torch.dtype) -> dict:
     """Fixed block sizes per shape class for the row-tiled kernel (fwd and dX); M is the number of sorted rows.
 
@@ -229,6 +248,8 @@ def _mm_config(M: int, N: int, K: int, E: int, dtype: torch.dtype) -> dict:
     128 x 256, 0.5 KB at 64 x 128 x 64; bench/compile_sm90.py on Triton 3.9). Such shapes get
     BLOCK_M <= 64 x 128 x 32 (x 16 in fp32) at 8 warps: no spills.
     """
+    if "mm" in _FORCED:
+        return dict(_FORCED["mm"])
     rows_per_expert = M / max(E, 1)
     if rows_per_expert >= 256:
         bm, bn, bk, warps, stages = 128, 256, 64, 8, 3
@@ -251,6 +272,8 @@ def _dw_config(M: int, N: int, K: int, E: int, dtype: torch.dtype) -> dict:
     programs, so even all rows on one expert leaves 7k programs busy, ~54 per SM on 132 SMs. smem:
     3 stages * (64*128 + 64*128) * 2 B = 96 KiB.
     """
+    if "dw" in _FORCED:
+        return dict(_FORCED["dw"])
     bm = 64 if dtype != torch.float32 else 32
     if M / max(E, 1) < 64:
         bm = 32
