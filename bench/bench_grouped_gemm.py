@@ -188,7 +188,8 @@ def sweep(T=16384, D=4096, F=14336, dtype=torch.bfloat16):
         w_KN = w_ENK[0].T.contiguous()
         dense_ms = triton.testing.do_bench(lambda: x_MK @ w_KN, return_mode="median")
         del w_KN
-        print(f"{'dense':<8} {shape:<26} {'torch.matmul':<32} {dense_ms:>8.3f} {flops / dense_ms / 1e9:>8.1f} {100:>8.0f}")
+        print(f"{'dense':<8} {shape:<26} {'torch.matmul':<32} {dense_ms:>8.3f} {flops / dense_ms / 1e9:>8.1f} "
+              f"{100:>8.0f}")
         for kernel, configs, fn in (
                 ("fwd", MM_SWEEP, lambda: grouped_mm_fwd(x_MK, w_ENK, o)),
                 ("dW", DW_SWEEP, lambda: grouped_mm_dw(dy_MN, x_MK, o, E))):
