@@ -123,7 +123,10 @@ def _shard_files(path: Path) -> dict[str, Path]:
 
 
 def load_hf(path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Transformer:
-    """Read an HF Mistral/Mixtral directory into our Transformer (weights cast to `dtype`, placed on `device`)."""
+    """Read an HF Mistral/Mixtral directory into our Transformer (weights cast to `dtype`, placed on `device`).
+
+    device="meta": check the directory (config, tensor names and shapes) and return the model on the meta
+    device without reading any weight, for sharding before the weights arrive (train.parallel)."""
     path = Path(path)
     cfg_file = path / "config.json"
     if not cfg_file.exists():
@@ -143,6 +146,9 @@ def load_hf(path, dtype: torch.dtype = torch.float32, device: str | torch.device
     if missing:
         raise ValueError(f"{path}: missing tensor(s) {missing[:5]} (of {len(missing)}); the checkpoint is "
                          "incomplete or config.json describes another model")
+
+    if torch.device(device).type == "meta":
+        return model.to(dtype)
 
     names = _simple_name_map(args)
     state: dict[str, torch.Tensor] = {}

@@ -183,6 +183,18 @@ def saved(tmp_path):
     return tmp_path
 
 
+def test_meta_load_reads_no_weight_but_checks_the_directory(saved):
+    """device="meta" (sharding before the weights arrive): the model's shapes and dtype, no storage; the
+    directory is still checked."""
+    m = load_hf(saved, dtype=torch.bfloat16, device="meta")
+    full = load_hf(saved)
+    assert all(p.is_meta and p.dtype == torch.bfloat16 for p in m.parameters())
+    assert [(n, p.shape) for n, p in m.named_parameters()] == [(n, p.shape) for n, p in full.named_parameters()]
+    next(saved.glob("model-*.safetensors")).unlink()
+    with pytest.raises(ValueError, match="missing"):
+        load_hf(saved, device="meta")
+
+
 def test_missing_shard(saved):
     victim = sorted(saved.glob("model-*.safetensors"))[1]
     victim.unlink()

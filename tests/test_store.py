@@ -249,9 +249,15 @@ _FSDP_SCRIPT = textwrap.dedent("""
     packed = PackedDataset.load(data)
     # "reference" is sharded over both ranks; rank 0's batch has no reference row, so it must join the reference
     # teacher's collectives with a dummy step while rank 1 runs its rows.
+    import train.teacher as T
+    loads, real_load = [], T.load_hf
+    T.load_hf = lambda path, dtype, device: (loads.append((str(path), str(device))), real_load(path, dtype, device))[1]
     sharded = build_teachers({"reference": {"path": teacher, "shard": True}, "domain": {"path": other}}, k=%d,
                              names=packed.teacher_names)
+    T.load_hf = real_load
     assert sharded.sources["reference"].sharded and not sharded.sources["domain"].sharded
+    # Only rank 0 reads the sharded teacher's weights (into host memory); rank 1 builds it on the meta device.
+    assert [d for p, d in loads if p == teacher] == [["meta", "cpu"], ["meta"]][rank], loads
     rows = [[1, 3], [0, 1, 2]][rank]  # teacher of samples: 0 ref, 1 dom, 2 ref, 3 dom (set by the test)
     batch = packed.batch(rows)
     got = sharded.signals(batch)

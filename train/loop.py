@@ -579,7 +579,8 @@ def _run(cfg: Config, env: parallel.Env, shapes: dict) -> Path:
     packed, sampler = build_data(cfg, run_dir, env, out)
     teachers = build_teachers(cfg, packed, env)
     dtype = getattr(torch, cfg.model.dtype)
-    student = load_hf(cfg.model.path, dtype=dtype, device="cpu" if strategy == "fsdp" else env.device)
+    # FSDP: built on the meta device and sharded first; the weights arrive after (materialize_from_rank0).
+    student = load_hf(cfg.model.path, dtype=dtype, device="meta" if strategy == "fsdp" else env.device)
     attn_teacher, teacher_args = None, None
     if cfg.subcommand == "kd" and cfg.loss.attn_weight > 0:
         (name,) = cfg.teachers.named
@@ -591,6 +592,10 @@ def _run(cfg: Config, env: parallel.Env, shapes: dict) -> Path:
     module = parallel.parallelize(module, student.layers, strategy=strategy,
                                   activation_checkpointing=cfg.parallel.activation_checkpointing,
                                   compile=cfg.parallel.compile, env=env)
+    if strategy == "fsdp":
+        parallel.materialize_from_rank0(
+            module, lambda: {f"student.{k}": v for k, v in
+                             load_hf(cfg.model.path, dtype=dtype, device="cpu").state_dict().items()}, env.device)
     o = cfg.optim
     optimizer = torch.optim.AdamW(decay_groups(module, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
 

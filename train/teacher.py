@@ -140,15 +140,19 @@ class OnlineTeacher:
     def load(cls, path, k: int, device="cpu", dtype: torch.dtype | None = None, shard: bool = False,
              chunk_rows: int | None = None) -> "OnlineTeacher":
         """Load an HF directory with `load_hf`, freeze it (no grad, eval) and, when `shard` and a process group
-        is initialised, shard it with FSDP2. A sharded teacher is read on the CPU first (FSDP2 moves one block at
-        a time to the GPU while sharding), so a teacher larger than one GPU fits."""
+        is initialised, shard it with FSDP2: built on the meta device and sharded, then given its weights by
+        rank 0, which alone reads the whole teacher into host memory (train.parallel.materialize_from_rank0);
+        each GPU holds 1/W of it, so a teacher larger than one GPU fits."""
         path = Path(path)
         dtype = dtype or default_dtype(device)
         shard = shard and _distributed()
-        model = load_hf(path, dtype=dtype, device="cpu" if shard else device)
+        model = load_hf(path, dtype=dtype, device="meta" if shard else device)
         model.requires_grad_(False).eval()
         if shard:
+            from train.parallel import materialize_from_rank0
             shard_teacher(model)
+            materialize_from_rank0(model, lambda: load_hf(path, dtype=dtype, device="cpu").state_dict(),
+                                   _mesh_device())
         return cls(model, k, sharded=shard, chunk_rows=chunk_rows)
 
     @torch.no_grad()
