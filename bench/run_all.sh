@@ -14,8 +14,8 @@
 #   the working tree there does not come back.
 #
 # On a lent H200 (one `run` is at most 600 s, 30 min of device time per session), two calls cover the kernels:
-#   PYTHON=python3 STAGE_TIMEOUT=280 bash bench/run_all.sh compile tests routing kd_loss
-#   PYTHON=python3 STAGE_TIMEOUT=270 bash bench/run_all.sh grouped_gemm sweep
+#   COMMIT=<hash> PYTHON=python3 STAGE_TIMEOUT=280 bash bench/run_all.sh compile tests routing kd_loss
+#   COMMIT=<hash> PYTHON=python3 STAGE_TIMEOUT=270 bash bench/run_all.sh grouped_gemm sweep
 # then append each $OUT/RESULTS.section.md to bench/RESULTS.md here and commit it. `step --scale gpu` writes
 # ~40 GB of random HF weights first: a call of its own, if the lease has time left.
 set -uo pipefail
@@ -48,7 +48,12 @@ stage() {  # stage TITLE COMMAND...: one fenced block with the command's output,
 
 {
   echo
-  echo "## $(date -u +%Y-%m-%dT%H:%MZ) — commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo '+dirty') — stages: ${STAGES[*]}"
+  if git rev-parse --git-dir >/dev/null 2>&1; then
+    commit="$(git rev-parse --short HEAD)$(git diff --quiet || echo '+dirty')"
+  else
+    commit=${COMMIT:-unknown}  # a copied tree without .git (the device machine): pass COMMIT=<hash>
+  fi
+  echo "## $(date -u +%Y-%m-%dT%H:%MZ) — commit $commit — stages: ${STAGES[*]}"
   echo
   "$PY" - <<'PYEOF'
 import platform, torch
