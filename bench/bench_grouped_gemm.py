@@ -18,7 +18,7 @@ import torch
 
 import kernels
 from bench._common import make_timer
-from kernels.grouped_gemm import grouped_mm, grouped_mm_ref
+from kernels.grouped_gemm import grouped_mm, grouped_mm_ref, torch_grouped_mm, torch_grouped_mm_runs
 from kernels.moe import moe_experts
 from kernels.routing import route_topk, route_topk_ref
 
@@ -85,23 +85,8 @@ def bench_gemms(T_list, D, F, dtype, device, bench, variants):
 
 
 def _peer(device, dtype) -> list:
-    """torch._grouped_mm as a variant where this torch has it and it runs forward and backward on `device` in
-    `dtype` (torch 2.13 runs it on the CPU too; older builds need bf16 on sm90+), else nothing."""
-    if not hasattr(torch, "_grouped_mm"):
-        return []
-    try:
-        x = torch.randn(8, 16, device=device, dtype=dtype, requires_grad=True)
-        w = torch.randn(2, 8, 16, device=device, dtype=dtype, requires_grad=True)
-        y = _torch_grouped_mm(x, w, torch.tensor([0, 3, 8], device=device, dtype=torch.int32))
-        y.backward(torch.randn_like(y))  # a dense upstream grad, as in the bench (sum()'s is zero-stride)
-    except (RuntimeError, NotImplementedError):
-        return []
-    return [("torch._grouped_mm", _torch_grouped_mm)]
-
-
-def _torch_grouped_mm(x_MK, w_ENK, offsets_E1):
-    # torch._grouped_mm(mat_a [M, K], mat_b [E, K, N], offs = int32 cumulative row ends [E]); bf16, sm90+.
-    return torch._grouped_mm(x_MK, w_ENK.transpose(1, 2), offs=offsets_E1[1:])
+    """torch._grouped_mm as a variant where it runs forward and backward on `device` in `dtype`, else nothing."""
+    return [("torch._grouped_mm", torch_grouped_mm)] if torch_grouped_mm_runs(device, dtype) else []
 
 
 def bench_block(T_list, D, F, dtype, device, bench, our_path):
@@ -171,8 +156,6 @@ def sweep(T=16384, D=4096, F=14336, dtype=torch.bfloat16):
     """Time each MM_SWEEP config on the forward (row-tiled) kernel and each DW_SWEEP config on the dW kernel, at
     one Mixtral layer's w13 and w2 with balanced load, against the dense matmul of the same FLOPs: the figures
     for choosing `_mm_config` / `_dw_config` defaults on this GPU. Reports; changes nothing."""
-    import triton.testing
-
     from kernels.grouped_gemm import forced_config, grouped_mm_dw, grouped_mm_fwd
     M = T * k
     bench = make_timer(True, 0)
@@ -186,7 +169,7 @@ def sweep(T=16384, D=4096, F=14336, dtype=torch.bfloat16):
         o = _offsets(_counts(M, "balanced"), "cuda")
         flops = 2 * M * N * Kc
         w_KN = w_ENK[0].T.contiguous()
-        dense_ms = triton.testing.do_bench(lambda: x_MK @ w_KN, return_mode="median")
+        dense_ms = bench(lambda: x_MK @ w_KN)
         del w_KN
         print(f"{'dense':<8} {shape:<26} {'torch.matmul':<32} {dense_ms:>8.3f} {flops / dense_ms / 1e9:>8.1f} "
               f"{100:>8.0f}")

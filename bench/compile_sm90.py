@@ -29,7 +29,6 @@ if __name__ == "__main__":
 
 import torch
 
-GROUPS = ("routing", "grouped_gemm", "kd_loss", "odd_shapes", "sweep")
 DEV = "meta"
 
 
@@ -174,14 +173,18 @@ def _variant(kernel) -> str:
     return " ".join(words)
 
 
+CASES = {"routing": _routing, "grouped_gemm": _grouped_gemm, "kd_loss": _kd_loss, "odd_shapes": _odd_shapes,
+         "sweep": _sweep}  # group name -> the call that launches its kernels at its shapes
+GROUPS = tuple(CASES)
+
+
 def report(groups=GROUPS) -> list[dict]:
     import triton
     compiled = _capture_compiles()
     rows, seen = [], set()
     for group in groups:
         start = len(compiled)
-        case = {"routing": _routing, "grouped_gemm": _grouped_gemm, "kd_loss": _kd_loss,
-                "odd_shapes": _odd_shapes, "sweep": _sweep}[group]()
+        case = CASES[group]()
         for name, kernel in compiled[start:]:
             key = (name, kernel.hash)  # a specialisation launched twice (e.g. fwd and dX) is reported once
             if key in seen:

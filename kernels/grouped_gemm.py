@@ -66,6 +66,35 @@ def grouped_mm_ref(x_MK: Tensor, w_ENK: Tensor, expert_offsets_E1: Tensor) -> Te
     return torch.cat(y_parts, dim=0)
 
 
+def torch_grouped_mm(x_MK: Tensor, w_ENK: Tensor, expert_offsets_E1: Tensor) -> Tensor:
+    """The same product through torch._grouped_mm(mat_a [M, K], mat_b [E, K, N], offs = int32 row ends [E]): one
+    call, no host sync, differentiable. Where it runs, see `torch_grouped_mm_runs`. On the CPU (torch 2.11 and
+    2.13) its forward is bitwise equal to grouped_mm_ref; fwd+bwd of the MoE experts at the demo teacher's shape
+    (T=2048, D=128, F=256, E=4) 23.6 -> 19.5 ms, at T=512, D=256, F=512, E=8 32.7 -> 20.9 ms (2 cores)."""
+    return torch._grouped_mm(x_MK, w_ENK.transpose(1, 2), offs=expert_offsets_E1[1:])
+
+
+_TORCH_GROUPED_MM_RUNS: dict = {}
+
+
+def torch_grouped_mm_runs(device, dtype: torch.dtype) -> bool:
+    """Whether this torch has torch._grouped_mm and it runs forward and backward on `device` in `dtype` (one tiny
+    probe per device type and dtype and process: older builds lack it; CUDA builds need bf16 on sm90+)."""
+    key = (torch.device(device).type, dtype)
+    if key not in _TORCH_GROUPED_MM_RUNS:
+        ok = hasattr(torch, "_grouped_mm")
+        if ok:
+            try:
+                x = torch.randn(8, 16, device=device, dtype=dtype, requires_grad=True)
+                w = torch.randn(2, 8, 16, device=device, dtype=dtype, requires_grad=True)
+                y = torch_grouped_mm(x, w, torch.tensor([0, 3, 8], device=device, dtype=torch.int32))
+                y.backward(torch.randn_like(y))  # a dense gradient: sum()'s zero-stride one is refused
+            except (RuntimeError, NotImplementedError, TypeError):
+                ok = False
+        _TORCH_GROUPED_MM_RUNS[key] = ok
+    return _TORCH_GROUPED_MM_RUNS[key]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Triton path. Everything below stays on the device: the kernels read expert_offsets_E1 themselves, so the host
 # never learns how many rows each expert got and launches a grid sized for the worst case.

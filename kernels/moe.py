@@ -4,12 +4,11 @@ Dimensions: T tokens, D hidden, F expert FFN hidden, E experts, K experts per to
 Expert weights are stacked: w13_E2FD = [E, 2F, D] (rows [0, F) = w1 gate, [F, 2F) = w3 up; the layout of
 transformers' MixtralExperts.gate_up_proj) and w2_EDF = [E, D, F] (MixtralExperts.down_proj).
 """
-import torch
 import torch.nn.functional as F_nn
 from torch import Tensor
 
 import kernels
-from kernels.grouped_gemm import grouped_mm_ref
+from kernels.grouped_gemm import grouped_mm_ref, torch_grouped_mm, torch_grouped_mm_runs
 
 
 def moe_experts(x_TD: Tensor, routing, w13_E2FD: Tensor, w2_EDF: Tensor) -> Tensor:
@@ -21,8 +20,8 @@ def moe_experts(x_TD: Tensor, routing, w13_E2FD: Tensor, w2_EDF: Tensor) -> Tens
     """
     if kernels.use_triton(x_TD):
         return _moe_experts_fused(x_TD, routing, w13_E2FD, w2_EDF)
-    if x_TD.device.type == "cpu" and _torch_grouped_mm_runs(x_TD.dtype):
-        return moe_experts_ref(x_TD, routing, w13_E2FD, w2_EDF, gemm=_torch_grouped_mm)
+    if x_TD.device.type == "cpu" and torch_grouped_mm_runs("cpu", x_TD.dtype):
+        return moe_experts_ref(x_TD, routing, w13_E2FD, w2_EDF, gemm=torch_grouped_mm)
     return moe_experts_ref(x_TD, routing, w13_E2FD, w2_EDF)
 
 
@@ -40,34 +39,6 @@ def moe_experts_ref(x_TD: Tensor, routing, w13_E2FD: Tensor, w2_EDF: Tensor, gem
     y_MD = y_MD * routing.weights_TK.reshape(-1)[order_M][:, None]  # fp32 (weights are fp32)
     y_TD = y_MD[routing.inverse_M.long()].view(T, K, D).sum(dim=1)  # back to pair order p, then sum the K slots
     return y_TD.to(x_TD.dtype)
-
-
-def _torch_grouped_mm(x_MK: Tensor, w_ENK: Tensor, offsets_E1: Tensor) -> Tensor:
-    # torch._grouped_mm(mat_a [M, K], mat_b [E, K, N], offs = int32 cumulative row ends [E]): one call per GEMM,
-    # no host sync. On the CPU (torch 2.11 and 2.13) it runs the per-expert matmuls itself: forward bitwise equal
-    # to the loop, fwd+bwd of the demo teacher's block (T=2048, D=128, F=256, E=4) 23.6 -> 19.5 ms, and
-    # 32.7 -> 20.9 ms at T=512, D=256, F=512, E=8 (2 cores).
-    return torch._grouped_mm(x_MK, w_ENK.transpose(1, 2), offs=offsets_E1[1:])
-
-
-_GROUPED_MM_RUNS: dict = {}
-
-
-def _torch_grouped_mm_runs(dtype: torch.dtype) -> bool:
-    """Whether this torch has torch._grouped_mm and it runs forward and backward on the CPU in `dtype` (one tiny
-    probe per dtype and process; older builds lack it or support only some dtypes)."""
-    if dtype not in _GROUPED_MM_RUNS:
-        ok = hasattr(torch, "_grouped_mm")
-        if ok:
-            try:
-                x = torch.ones(5, 16, dtype=dtype, requires_grad=True)
-                w = torch.ones(2, 8, 16, dtype=dtype, requires_grad=True)
-                y = _torch_grouped_mm(x, w, torch.tensor([0, 2, 5], dtype=torch.int32))
-                y.backward(torch.ones_like(y))  # a dense gradient: sum()'s zero-stride one is refused
-            except (RuntimeError, NotImplementedError, TypeError):
-                ok = False
-        _GROUPED_MM_RUNS[dtype] = ok
-    return _GROUPED_MM_RUNS[dtype]
 
 
 def _moe_experts_fused(x_TD: Tensor, routing, w13_E2FD: Tensor, w2_EDF: Tensor) -> Tensor:

@@ -9,7 +9,6 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
 
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F_nn  # noqa: E402
@@ -230,12 +229,11 @@ def test_moe_cpu_torch_grouped_mm_path_matches_loop(dtype, monkeypatch):
     """The CPU torch path (torch._grouped_mm where it runs) against the per-expert loop: output and gradients,
     with an expert that receives no token."""
     import kernels.moe as moe
-    if not moe._torch_grouped_mm_runs(dtype):
+    if not moe.torch_grouped_mm_runs("cpu", dtype):
         pytest.skip(f"torch._grouped_mm does not run on this CPU build in {dtype}")
     monkeypatch.setenv("DISTILL_KERNELS", "torch")
-    calls = []
-    monkeypatch.setattr(moe, "_torch_grouped_mm", lambda *a: calls.append(1) or torch._grouped_mm(
-        a[0], a[1].transpose(1, 2), offs=a[2][1:]))
+    calls, real = [], moe.torch_grouped_mm
+    monkeypatch.setattr(moe, "torch_grouped_mm", lambda *a: calls.append(1) or real(*a))
     T, D, F, E, k = 45, 32, 24, 4, 2
     gen = torch.Generator().manual_seed(11)
     logits_TE = torch.randn(T, E, generator=gen)
