@@ -3,14 +3,15 @@
 torch is deliberately unpinned here: the Makefile installs `torch==2.13.0` (CPU wheel) first on machines
 without CUDA, and an already-installed torch satisfies this requirement, so pip never pulls CUDA wheels.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="distill",
     version="0.1.0",
     description="Performance-focused LLM distillation trainer: MoE teacher -> Mistral-class student, then domain alignment",
     python_requires=">=3.10",
-    packages=["kernels", "model", "train", "bench"],
+    # every subpackage (train.data, train.teachers, ...): a plain `pip install .` must not miss a new room
+    packages=find_packages(include=["kernels", "kernels.*", "model", "model.*", "train", "train.*", "bench", "bench.*"]),
     install_requires=[
         "torch>=2.4",
         'triton>=3.2; platform_system == "Linux"',

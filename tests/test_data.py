@@ -9,6 +9,7 @@ import torch
 
 from train import data as D
 from train import demo_data as DD
+from train.data.chat import _fold_system
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -121,7 +122,7 @@ def test_other_templates(tok, template):
     other.chat_template = template
     for messages in (TWO_TURN, TWO_TURN[1:], TWO_TURN[1:3]):
         ids, labels = D.tokenize_chat(messages, other)
-        folded = D._fold_system(messages) if template != CHATML else messages
+        folded = _fold_system(messages) if template != CHATML else messages
         assert ids == _ids(other.apply_chat_template(folded, tokenize=True))
         # labelled tokens decode to exactly the answers and their end-of-turn text
         text = other.decode([l for l in labels if l != -100])
