@@ -23,6 +23,7 @@ setup(
     extras_require={
         "plot": ["matplotlib>=3.7"],
         "progress": ["tqdm>=4.60"],
-        "test": ["pytest>=7.4", "matplotlib>=3.7", "tqdm>=4.60"],
+        "tensorboard": ["tensorboard>=2.14"],
+        "test": ["pytest>=7.4", "matplotlib>=3.7", "tqdm>=4.60", "tensorboard>=2.14"],
     },
 )

@@ -151,8 +151,9 @@ def setup_ours(student_dir: str, teacher_dir: str, K: int, device: torch.device)
     """The trainer's own step, assembled from the pieces train.loop.run uses (world size 1, no wrapper)."""
     from model import load_hf
     from train import parallel
-    from train.loop import LossSettings, StepContext, StudentWithLoss, decay_groups, train_step
-    from train.teacher import TeacherSpec, build_teachers
+    from train.loop import StepContext, decay_groups, train_step
+    from train.loss import LossSettings, StudentWithLoss
+    from train.teachers import TeacherSpec, build_teachers
 
     env = parallel.init_distributed(device.type)
     student = load_hf(student_dir, dtype=torch.float32, device=env.device)
@@ -365,7 +366,7 @@ def main(argv=None):
         return
 
     from model.hf import args_from_config
-    from train.loop import flops_per_token, peak_flops
+    from train.metrics import flops_per_token, peak_flops
 
     with tempfile.TemporaryDirectory(prefix="bench_step_", dir=a.workdir) as work:
         # bf16 files at the GPU scale (half of 80 GB of disk); both sides upcast the student to fp32 on load

@@ -419,12 +419,16 @@ def _check_permutation(name: str, order_M: Tensor, M: int, device) -> None:
 
 
 def grouped_mm(x_MK: Tensor, w_ENK: Tensor, expert_offsets_E1: Tensor) -> Tensor:
-    """Triton grouped GEMM: y[o[e]:o[e+1]] = x[o[e]:o[e+1]] @ w[e]ᵀ, differentiable in x and w, no host sync.
+    """Grouped GEMM: y[o[e]:o[e+1]] = x[o[e]:o[e+1]] @ w[e]ᵀ, differentiable in x and w. The path is picked
+    here (kernels.use_triton): the Triton kernel on CUDA (no host sync), `grouped_mm_ref` on the CPU.
 
     Preconditions not checked (checking needs a host sync): offsets rise from 0 to M = x_MK.shape[0]. Rows
     outside [offsets[0], offsets[E]) are left unwritten.
     """
+    from kernels import use_triton
     _check_inputs(x_MK, w_ENK, expert_offsets_E1)
+    if not use_triton(x_MK):
+        return grouped_mm_ref(x_MK, w_ENK, expert_offsets_E1)
     return GroupedMMFunction.apply(x_MK, w_ENK, expert_offsets_E1, None, None, 1, False)
 
 

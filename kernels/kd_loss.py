@@ -513,7 +513,9 @@ def _apply(use_kernel, hidden_ND, weight_VD, labels_N, teacher_ids_NK, teacher_l
 def linear_topk_kd_loss(hidden_ND, weight_VD, labels_N, teacher_ids_NK, teacher_logprobs_NK, tau=1.0,
                         kd_weight=1.0, normalizer=None, *, teacher_vocab_size=None, check_ids=True,
                         chunk_size=None) -> KDLossOutput:
-    """LM head + CE + top-k KD, chunked over tokens, per-row work in Triton (see the module docstring).
+    """LM head + CE + top-k KD, chunked over tokens (see the module docstring). The path is picked here, from
+    the tensors' device and DISTILL_KERNELS (kernels.use_triton): per-row work in Triton on CUDA, the same chunk
+    loop in torch (`linear_topk_kd_loss_chunked`) on the CPU.
 
     hidden_ND, weight_VD: bf16 (GPU) or fp32; labels_N: next-token ids, -100 = no loss; teacher_ids_NK,
     teacher_logprobs_NK: the teacher's top-k at temperature 1 (rows at -100 positions are ignored); tau: τ > 0;
@@ -521,13 +523,15 @@ def linear_topk_kd_loss(hidden_ND, weight_VD, labels_N, teacher_ids_NK, teacher_
     teacher_vocab_size: checked against V if given; check_ids: validate ids/labels in [0, V) (one host sync;
     pass False in hot loops); chunk_size: tokens per chunk (default `_chunk_size`). K = 0 with kd_weight = 0
     is plain CE. Gradients flow to hidden_ND and weight_VD only."""
-    if triton is None:
-        raise ImportError("linear_topk_kd_loss needs Triton (pip install triton); on CPU use "
-                          "linear_topk_kd_loss_chunked")
-    if not hidden_ND.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("linear_topk_kd_loss got CPU tensors: use linear_topk_kd_loss_chunked on CPU (or set "
-                         "TRITON_INTERPRET=1 before importing triton to run the kernel in the interpreter)")
-    return _apply(True, hidden_ND, weight_VD, labels_N, teacher_ids_NK, teacher_logprobs_NK, tau, kd_weight,
+    from kernels import use_triton
+    use_kernel = use_triton(hidden_ND)
+    if use_kernel and triton is None:
+        raise ImportError("DISTILL_KERNELS=triton but Triton is not installed: pip install triton, or unset "
+                          "DISTILL_KERNELS to use the torch path")
+    if use_kernel and not hidden_ND.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("DISTILL_KERNELS=triton with CPU tensors needs TRITON_INTERPRET=1 set before triton is "
+                         "imported (the interpreter); unset DISTILL_KERNELS to use the torch path on the CPU")
+    return _apply(use_kernel, hidden_ND, weight_VD, labels_N, teacher_ids_NK, teacher_logprobs_NK, tau, kd_weight,
                   normalizer, teacher_vocab_size, check_ids, chunk_size)
 
 

@@ -285,10 +285,14 @@ class RouteTopKFunction(torch.autograd.Function):
 
 
 def route_topk(router_logits_TE: Tensor, k: int) -> Routing:
-    """Triton routing (see the module docstring: tie rule, 2 forward launches + 1 backward, metadata).
+    """Fused top-k routing (see the module docstring: tie rule, 2 forward launches + 1 backward, metadata). The
+    path is picked here (kernels.use_triton): Triton on CUDA, `route_topk_ref` on the CPU; same contract.
 
     router_logits_TE: [T, E], any float dtype (computed in fp32); k: experts per token, 1 <= k <= E.
     Gradients reach the logits from weights_TK and probs_TE; the other fields are integer metadata.
-    Inputs are checked (ValueError) in route_topk_fwd.
+    Inputs are checked (ValueError) in route_topk_fwd / route_topk_ref.
     """
+    from kernels import use_triton
+    if not use_triton(router_logits_TE):
+        return route_topk_ref(router_logits_TE, k)
     return Routing(*RouteTopKFunction.apply(router_logits_TE, k))

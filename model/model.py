@@ -178,8 +178,7 @@ class MoEFeedForward(nn.Module):
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(B * T, D)
         logits_TE = self.gate(x_TD)
-        route = kernels.route_topk if kernels.use_triton(logits_TE) else kernels.route_topk_ref
-        routing = route(logits_TE, self.moe.num_experts_per_tok)
+        routing = kernels.route_topk(logits_TE, self.moe.num_experts_per_tok)  # Triton on CUDA, torch on CPU
         y_TD = moe_experts(x_TD, routing, self.w13, self.w2)
         # Load-balancing statistics (Mixtral's aux loss): assignments and probability mass per expert, summed
         # here and combined over layers in Transformer.forward_with_aux exactly as HF's load_balancing_loss_func.

@@ -21,6 +21,13 @@ from kernels.grouped_gemm import (  # noqa: E402
 from kernels.moe import moe_experts, moe_experts_ref  # noqa: E402
 from kernels.routing import route_topk, route_topk_ref  # noqa: E402
 
+
+@pytest.fixture(autouse=True)
+def _triton_path(monkeypatch):
+    """The public op picks its path from the tensors' device (kernels.use_triton): on CPU tensors it takes the
+    torch twin unless DISTILL_KERNELS=triton, which these tests set so that the interpreter runs the kernel."""
+    monkeypatch.setenv("DISTILL_KERNELS", "triton")
+
 # Relative Frobenius error against an fp32 reference on the same (rounded) inputs. fp32: summation order only
 # (~1e-7 measured). fp16: the kernel accumulates in fp32 and rounds once on store, 2^-11 = 4.9e-4 per element
 # at worst, ~2e-4 measured as a norm.
@@ -328,3 +335,21 @@ def test_cuda_matches_ref_without_host_sync(dtype):
     y32.backward(dy.float())
     tol = 1e-2 if dtype == torch.bfloat16 else 2e-3  # bf16 stores with 2^-8 relative rounding
     assert _rel(y, y32) <= tol and _rel(x_MK.grad, x32.grad) <= tol and _rel(w_ENK.grad, w32.grad) <= tol
+
+
+def test_public_op_picks_the_torch_twin_on_cpu(monkeypatch):
+    """Kernel choice lives in kernels/: grouped_mm on CPU tensors in auto mode is grouped_mm_ref (the Triton
+    Function is never entered); forced to Triton it is."""
+    from kernels import grouped_gemm
+    calls = []
+    real = grouped_gemm.GroupedMMFunction.apply
+    monkeypatch.setattr(grouped_gemm.GroupedMMFunction, "apply", lambda *a: calls.append(1) or real(*a))
+    gen = torch.Generator().manual_seed(5)
+    x_MK, w_ENK = torch.randn(30, 16, generator=gen), torch.randn(3, 8, 16, generator=gen)
+    offsets = torch.tensor([0, 10, 10, 30])
+    monkeypatch.setenv("DISTILL_KERNELS", "auto")
+    assert torch.equal(grouped_mm(x_MK, w_ENK, offsets), grouped_mm_ref(x_MK, w_ENK, offsets))
+    assert calls == []
+    monkeypatch.setenv("DISTILL_KERNELS", "triton")
+    grouped_mm(x_MK, w_ENK, offsets)
+    assert calls == [1]

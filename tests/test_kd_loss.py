@@ -21,6 +21,13 @@ import torch.nn.functional as F
 from kernels.kd_loss import (KDLossOutput, _chunk_size, linear_topk_kd_loss, linear_topk_kd_loss_chunked,
                              linear_topk_kd_loss_ref)
 
+
+@pytest.fixture(autouse=True)
+def _triton_path(monkeypatch):
+    """The public op picks its path from the tensors' device (kernels.use_triton): on CPU tensors it takes the
+    torch twin unless DISTILL_KERNELS=triton, which these tests set so that the interpreter runs the kernel."""
+    monkeypatch.setenv("DISTILL_KERNELS", "triton")
+
 try:
     import triton  # noqa: F401
     HAVE_TRITON = True
@@ -340,3 +347,25 @@ def test_chunked_extra_memory_is_one_chunk_not_n_by_v():
     assert ref["extra_mb"] > 2 * nv_mb
     # a handful of chunk-sized buffers + dW (V·D fp32 = one chunk here) + dh + allocator slack
     assert chunked["extra_mb"] < 6 * chunk_mb + 64
+
+
+def test_public_op_picks_the_torch_path_on_cpu(monkeypatch):
+    """Kernel choice lives in kernels/: linear_topk_kd_loss on CPU tensors in auto mode is exactly the chunked
+    torch path (no Triton launch); forced to Triton it launches the row kernel."""
+    from kernels import kd_loss
+    calls = []
+    real = kd_loss._rows_triton
+    monkeypatch.setattr(kd_loss, "_rows_triton", lambda *a: calls.append(1) or real(*a))
+    gen = torch.Generator().manual_seed(7)
+    N, D, V, K = 24, 16, 50, 4
+    h, W = torch.randn(N, D, generator=gen), torch.randn(V, D, generator=gen)
+    labels = torch.randint(0, V, (N,), generator=gen)
+    ids = torch.randint(0, V, (N, K), generator=gen)
+    lp = torch.log_softmax(torch.randn(N, K, generator=gen), -1)
+    monkeypatch.setenv("DISTILL_KERNELS", "auto")
+    got = linear_topk_kd_loss(h, W, labels, ids, lp, tau=2.0, kd_weight=0.5)
+    want = linear_topk_kd_loss_chunked(h, W, labels, ids, lp, tau=2.0, kd_weight=0.5)
+    assert all(torch.equal(a, b) for a, b in zip(got, want)) and calls == []
+    monkeypatch.setenv("DISTILL_KERNELS", "triton")
+    linear_topk_kd_loss(h, W, labels, ids, lp, tau=2.0, kd_weight=0.5)
+    assert calls

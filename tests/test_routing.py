@@ -13,6 +13,13 @@ import transformers  # noqa: E402
 
 from kernels.routing import Routing, route_topk, route_topk_ref  # noqa: E402
 
+
+@pytest.fixture(autouse=True)
+def _triton_path(monkeypatch):
+    """The public op picks its path from the tensors' device (kernels.use_triton): on CPU tensors it takes the
+    torch twin unless DISTILL_KERNELS=triton, which these tests set so that the interpreter runs the kernel."""
+    monkeypatch.setenv("DISTILL_KERNELS", "triton")
+
 EPS = torch.finfo(torch.float32).eps
 # Both paths compute in fp32 from the same input, so the tolerances are fp32 ones whatever the input dtype:
 # a prob or weight is one exp and one division (plus a sum of at most E terms) away from the other path's.
@@ -202,3 +209,20 @@ def test_odd_layouts_and_many_blocks():
 def test_value_errors(fn, logits, k, match):
     with pytest.raises(ValueError, match=match):
         fn(logits, k)
+
+
+def test_public_op_picks_the_torch_twin_on_cpu(monkeypatch):
+    """Kernel choice lives in kernels/: route_topk on CPU tensors in auto mode is route_topk_ref (the Triton
+    Function is never entered); forced to Triton it is."""
+    from kernels import routing
+    calls = []
+    real = routing.RouteTopKFunction.apply
+    monkeypatch.setattr(routing.RouteTopKFunction, "apply", lambda *a: calls.append(1) or real(*a))
+    logits_TE = torch.randn(37, 8, generator=torch.Generator().manual_seed(3))
+    monkeypatch.setenv("DISTILL_KERNELS", "auto")
+    for got, want in zip(route_topk(logits_TE, 2), route_topk_ref(logits_TE, 2)):
+        assert torch.equal(got, want)
+    assert calls == []
+    monkeypatch.setenv("DISTILL_KERNELS", "triton")
+    route_topk(logits_TE, 2)
+    assert calls == [1]

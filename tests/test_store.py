@@ -13,9 +13,11 @@ import pytest
 import torch
 
 from model import ModelArgs, Transformer, save_hf
+from train.data import IGNORE as IGNORE_INDEX
 from train.data import PackedDataset
-from train.store import StoreReader, expected_for, ids_dtype, run_capture, tokenizer_sha256
-from train.teacher import IGNORE_INDEX, OnlineTeacher, TeacherSpec, build_teachers
+from train.teachers import (OnlineTeacher, StoreReader, TeacherSpec, build_teachers, expected_for, ids_dtype,
+                            tokenizer_sha256)
+from train.teachers.capture import run_capture
 from test_teacher import L, V, _packed as packed_rows  # one layout of packed test rows for both files
 
 K = 8
@@ -131,8 +133,8 @@ def test_interrupted_capture_resumes_to_the_same_bytes(tmp_path, monkeypatch, te
 _KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     from train.data import PackedDataset
-    from train.store import run_capture
-    from train.teacher import OnlineTeacher
+    from train.teachers import OnlineTeacher
+    from train.teachers.capture import run_capture
     teacher, data, out, kill_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     real, calls = OnlineTeacher.loss_topk, []
     def loss_topk(self, rows):
@@ -241,15 +243,15 @@ def test_phase2_store_per_teacher_mixed_with_online(tmp_path):
 _FSDP_SCRIPT = textwrap.dedent("""
     import sys, torch, torch.distributed as dist
     from train.data import PackedDataset
-    from train.store import run_capture
-    from train.teacher import OnlineTeacher, build_teachers
+    from train.teachers import OnlineTeacher, build_teachers
+    from train.teachers.capture import run_capture
     teacher, other, data, out = sys.argv[1:5]
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     packed = PackedDataset.load(data)
     # "reference" is sharded over both ranks; rank 0's batch has no reference row, so it must join the reference
     # teacher's collectives with a dummy step while rank 1 runs its rows.
-    import train.teacher as T
+    import train.teachers.online as T
     loads, real_load = [], T.load_hf
     T.load_hf = lambda path, dtype, device: (loads.append((str(path), str(device))), real_load(path, dtype, device))[1]
     sharded = build_teachers({"reference": {"path": teacher, "shard": True}, "domain": {"path": other}}, k=%d,

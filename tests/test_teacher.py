@@ -5,7 +5,8 @@ import torch
 
 from model import ModelArgs, MoEArgs, Transformer, save_hf
 from train.data import PackedDataset
-from train.teacher import (IGNORE_INDEX, OnlineTeacher, TeacherSet, TeacherSpec, TopK, build_teachers,
+from train.data import IGNORE as IGNORE_INDEX
+from train.teachers import (OnlineTeacher, TeacherSet, TeacherSpec, TopK, build_teachers,
                            head_chunk_rows, topk_logprobs)
 
 V, L = 211, 24

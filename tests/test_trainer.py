@@ -23,7 +23,7 @@ import trainer_fixtures as fx  # noqa: E402
 from model import capture_qk, load_hf  # noqa: E402
 from train import checkpoint as ckpt  # noqa: E402
 from train import loop as L  # noqa: E402
-from train.attn_loss import attention_kl_sum  # noqa: E402
+from train.loss import attention_kl_sum  # noqa: E402
 from train.config import ConfigError, make_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -261,14 +261,15 @@ def test_metadata_unpickler_refuses_foreign_globals(tmp_path):
 
 
 def test_nonfinite_steps_are_skipped_then_stop(world, tmp_path, monkeypatch):
-    orig, calls = L.head_loss, [0]
+    import kernels
+    orig, calls = kernels.linear_topk_kd_loss, [0]
 
     def poisoned(*a, **k):
         out = orig(*a, **k)
         calls[0] += 1
         bad = calls[0] == 2 or calls[0] >= 4  # step 2, then every step from 4 on
         return out._replace(loss=out.loss * float("nan")) if bad else out
-    monkeypatch.setattr(L, "head_loss", poisoned)
+    monkeypatch.setattr(kernels, "linear_topk_kd_loss", poisoned)
     run_dir = tmp_path / "run"
     with pytest.raises(RuntimeError, match="non-finite steps in a row"):
         L.run(cfg_for(world, run_dir, steps=10, **{"optim.max_bad_steps": 2, "checkpoint.every": 3}))
@@ -492,7 +493,7 @@ def test_bad_configs_fail_early(world, tmp_path, no_heavy_work):
     with pytest.raises(ConfigError, match="k is 16.*--teachers.k=16"):
         L.run(cfg_for(world, tmp_path / "run", **{"teachers.teacher.path": None,
                                                   "teachers.teacher.store": str(store)}))
-    from train.store import tokenizer_sha256
+    from train.teachers import tokenizer_sha256
     k_run = make_config("kd", None, base_overrides(world, tmp_path)).teachers.k
     manifest = {"vocab_size": world["vocab"], "k": k_run, "seq_len": 64,
                 "tokenizer_sha256": tokenizer_sha256(other_tok_dir)}

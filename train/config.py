@@ -145,6 +145,8 @@ class LoggingConfig:
     every: int = _f(10, "one log line and metrics.jsonl record every N steps")
     progress: bool = _f(True, "tqdm progress bar on rank 0 (when tqdm is installed)")
     plot: bool = _f(True, "loss_curve.png at the end (when matplotlib is installed)")
+    tensorboard: bool = _f(False, "also write the metrics.jsonl scalars to run_dir/tensorboard/ (pip install "
+                                  "tensorboard)")
     peak_tflops: float | None = _f(None, "accelerator peak bf16 TFLOP/s for MFU; leave out: from the GPU name",
                                    example=989.0)
 
@@ -221,6 +223,19 @@ class Config:
                 d.update(d.pop("named"))
             out[s] = _drop_none(d)
         return {"subcommand": self.subcommand, **out}
+
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def torch_dtype(name: str):
+    """The one map from a config's dtype name to torch's dtype; "auto" -> None (the component decides)."""
+    if name == "auto":
+        return None
+    if name not in DTYPE_NAMES:
+        raise ConfigError(f"dtype {name!r} is not one of {DTYPE_NAMES} (or auto)")
+    import torch
+    return getattr(torch, name)
 
 
 def _drop_none(d: dict) -> dict:

@@ -174,7 +174,7 @@ def build_init(d: Path, arch: Arch, size: DemoSize, tokenizer_dir: Path, seed: i
     from transformers import AutoTokenizer
 
     from model import Transformer, save_hf, upcycle
-    from train.loop import copy_tokenizer
+    from train.export import copy_tokenizer
     vocab = len(AutoTokenizer.from_pretrained(str(tokenizer_dir)))
     model = Transformer(_model_args(arch, vocab, size.seq_len))
     model.init_weights(std=0.02, generator=torch.Generator().manual_seed(seed))

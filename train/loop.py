@@ -3,32 +3,27 @@
     run_dir = train.loop.run(train.config.make_config("kd", "configs/kd.toml"))
 
 `run` works in-process (one process, no process group) and under torchrun (one process per device). It checks
-the configuration against the models' config.json files (`preflight`) before any weights or data are loaded,
-builds data, teachers and student, and then repeats `train_step`:
+the configuration (train/preflight.py) before any weights or data are loaded, builds data, teachers and
+student, and then repeats `train_step`:
 
     train_step          one optimizer step: the step's loss-token count (all micro-batches and ranks, one
                         all-reduce, a device tensor), forward_backward per micro-batch, clip, AdamW, metrics
     forward_backward    one micro-batch: the rows' teacher signals (each row from its own teacher), the
-                        student forward and fused loss inside the wrapped module, backward
+                        student forward and fused loss inside the wrapped module (train/loss.py), backward
 
-Dimensions: B sequences per micro-batch, T tokens per sequence, K teacher top-k, D hidden, V vocabulary,
-N = B*T flattened token positions, L layers, H heads.
+From `train_step` to each kernel's public op: train_step -> forward_backward -> StudentWithLoss.forward ->
+kernels.linear_topk_kd_loss (3 calls); the MoE ops are reached through the model's forward.
+FSDP and DDP average gradients over ranks while the loss is already normalised by the loss tokens of all ranks
+(train/loss.py), hence the loss is multiplied by the world size before backward.
 
-Normalisation (DESIGN decision 2): every term's sum over loss tokens is divided by n, the loss-token count of
-the whole optimizer step over all micro-batches and ranks, so the gradient is the same whatever the split
-into micro-batches and ranks. FSDP and DDP average gradients over ranks, hence the loss is multiplied by the
-world size before backward. The MoE load-balancing loss is a per-forward mean and is averaged over the
-step's forwards (coef * aux / (grad_accum * world)).
+Dimensions: B sequences per micro-batch, T tokens per sequence, K teacher top-k.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import random
-import resource
-import shutil
 import signal
 import threading
 import time
@@ -39,157 +34,22 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-import kernels
-from model import Transformer, capture_qk, load_hf, save_hf
-from model.hf import args_from_config
+from model import Transformer, capture_qk, load_hf
 from train import checkpoint as ckpt
 from train import parallel
-from train.attn_loss import attention_kl_sum, check_compatible
-from train.config import Config, ConfigError, write_resolved
-from train.data import IGNORE, tokenizer_fingerprint
-from train.store import expected_for, tokenizer_sha256
-from train.teacher import sum_over_ranks
+from train.config import Config, ConfigError, torch_dtype, write_resolved
+from train.data import IGNORE
+from train.data.prepare import build_packed
+from train.export import export_student
+from train.loss import LossSettings, LossStats, StudentWithLoss
+from train.metrics import Output, flops_per_token, peak_flops, peak_memory_gb
+from train.preflight import preflight
+from train.teachers import expected_for
 
 TRAIN_SUBCOMMANDS = ("kd", "dae", "sft")
-# Per-step statistics, summed over micro-batches and ranks (one all-reduce) and read on the host once.
-STATS = ("loss", "ce_sum", "kd_sum", "attn_sum", "aux", "stop")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja")
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Checks before heavy work: only config.json / tokenizer files are read
-
-
-def _model_args(path: str, what: str):
-    cfg_file = Path(path) / "config.json"
-    if not cfg_file.is_file():
-        raise ConfigError(f"{what} {path!r} has no config.json; point it at an HF model directory")
-    return args_from_config(json.loads(cfg_file.read_text()), where=str(cfg_file))
-
-
-def check_store(store: str, name: str, vocab_size: int, cfg: Config, tok_dir: str) -> None:
-    """A top-k store against the run, from its manifest.json alone."""
-    mf = Path(store) / "manifest.json"
-    if not mf.is_file():
-        raise ConfigError(f"teachers.{name}.store={store!r} is not a complete store (no manifest.json); run or "
-                          f"finish `train/main.py capture` first")
-    m = json.loads(mf.read_text())
-    checks = [("teacher vocab_size", m.get("vocab_size"), vocab_size, "a teacher of the student's tokenizer"),
-              ("k", m.get("k"), cfg.teachers.k, f"--teachers.k={m.get('k')}"),
-              ("seq_len", m.get("seq_len"), cfg.data.seq_len, f"--data.seq_len={m.get('seq_len')}")]
-    for what, theirs, mine, fix in checks:
-        if theirs != mine:
-            raise ConfigError(f"store {store}: {what} is {theirs}, this run has {mine}; fix: {fix}")
-    rows_of = m.get("rows_of")
-    if rows_of not in (None, name) and cfg.subcommand == "dae":
-        raise ConfigError(f"store {store} holds the rows of teacher {rows_of!r}, but is configured as teacher "
-                          f"{name!r}; swap the stores or capture with --capture.rows_of={name}")
-    if rows_of is not None and cfg.subcommand == "kd":  # else it fails after packing, at the first missing row
-        raise ConfigError(f"store {store} holds only the rows of teacher {rows_of!r} (captured with "
-                          f"--capture.rows_of={rows_of}); kd distils on every row: capture without capture.rows_of")
-    theirs_tok, mine_tok = m.get("tokenizer_sha256"), tokenizer_sha256(tok_dir)
-    if theirs_tok is not None and mine_tok is not None and theirs_tok != mine_tok:
-        raise ConfigError(f"store {store} was captured with another tokenizer than the student's ({tok_dir}): "
-                          f"tokenizer_sha256 is {theirs_tok[:12]}.. in the store, {mine_tok[:12]}.. here; distil only "
-                          "between models of one tokenizer")
-
-
-def preflight(cfg: Config) -> dict:
-    """Everything that can be checked without loading weights or data; returns the models' ModelArgs."""
-    sc = cfg.subcommand
-    student = _model_args(cfg.model.path, "model.path")
-    tok_dir = cfg.data.tokenizer or cfg.model.path
-    if cfg.data.paths:
-        for p in cfg.data.paths:
-            if not Path(p).exists():
-                raise ConfigError(f"data.paths: {p!r} not found (cwd {os.getcwd()}); fix the path")
-        if tokenizer_fingerprint(tok_dir) is None and not (Path(tok_dir) / "tokenizer_config.json").exists():
-            raise ConfigError(f"no tokenizer in {tok_dir!r} (tokenizer.json / tokenizer.model); set "
-                             f"--data.tokenizer=<directory with the student's tokenizer>")
-    elif not (Path(cfg.data.packed) / "meta.json").is_file():
-        raise ConfigError(f"data.packed={cfg.data.packed!r} is not a packed dataset (no meta.json); give the "
-                         f"directory a PackedDataset was saved to, or use data.paths")
-    teachers = {}
-    if sc != "sft":
-        for name, spec in cfg.teachers.named.items():
-            if spec.store:
-                check_store(spec.store, name, student.vocab_size, cfg, tok_dir)
-                continue
-            t = teachers[name] = _model_args(spec.path, f"teachers.{name}.path")
-            if t.vocab_size != student.vocab_size:
-                raise ConfigError(f"teacher {name!r} has vocab_size {t.vocab_size}, the student {student.vocab_size}: "
-                                 f"top-k ids would index different tokens; use a teacher and student that share "
-                                 f"one tokenizer (never resize a vocabulary to make them agree)")
-            mine, theirs = tokenizer_fingerprint(tok_dir), tokenizer_fingerprint(spec.path)
-            if mine is not None and theirs is not None and mine != theirs:
-                raise ConfigError(f"teacher {name!r} ({spec.path}) has a different tokenizer from the student's "
-                                 f"({tok_dir}): same vocab size but different tokens; distil only between "
-                                 f"models of one tokenizer")
-        if cfg.loss.attn_weight > 0:
-            (name,) = cfg.teachers.named
-            try:
-                check_compatible(student, teachers[name])
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
-    return {"student": student, "teachers": teachers}
-
-
-# ------------------------------------------------------------------------------------------------------------
-# The trainable module: student forward and the fused loss in one forward, so DDP/FSDP see the LM head used
-# inside the wrapped module (the loss reads the head weight directly instead of producing logits).
-
-
-@dataclass
-class LossSettings:
-    kd_weight: float
-    tau: float
-    attn_weight: float
-    aux_coef: float
-
-
-class StudentWithLoss(nn.Module):
-    def __init__(self, student: Transformer, loss: LossSettings, teacher_args=None):
-        super().__init__()
-        self.student, self.loss, self.teacher_args = student, loss, teacher_args
-
-    def forward(self, tokens_BT, labels_BT, positions_BT, doc_ids_BT, ids_BTK, logprobs_BTK, normalizer,
-                aux_scale: float, teacher_qk=None, check_ids: bool = False):
-        """(loss to backpropagate, detached [loss, ce_sum, kd_sum, attn_sum, aux])."""
-        s, lo = self.student, self.loss
-        attn = teacher_qk is not None
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if tokens_BT.is_cuda
-                    else contextlib.nullcontext())
-        with autocast, (capture_qk(s) if attn else contextlib.nullcontext()) as student_qk:
-            hidden_BTD, aux = s.forward_with_aux(tokens_BT, positions_BT, doc_ids_BT)
-        out = head_loss(hidden_BTD, s.output.weight, labels_BT, ids_BTK, logprobs_BTK, lo.tau, lo.kd_weight,
-                        normalizer, check_ids)
-        loss = out.loss
-        attn_sum = torch.zeros((), device=loss.device)
-        if attn:
-            attn_sum = attention_kl_sum(student_qk, teacher_qk, s.args, self.teacher_args, labels_BT, doc_ids_BT)
-            loss = loss + lo.attn_weight * attn_sum / (normalizer * s.args.n_layers * s.args.n_heads)
-        if s.args.moe is not None and lo.aux_coef > 0:
-            loss = loss + (lo.aux_coef * aux_scale) * aux
-        stats = torch.stack([loss.detach().float(), out.ce_sum.float(), out.kd_sum.float(),
-                             attn_sum.detach().float(), aux.detach().float()])
-        return loss, stats
-
-
-def head_loss(hidden_BTD, weight_VD, labels_BT, ids_BTK, logprobs_BTK, tau, kd_weight, normalizer, check_ids):
-    """LM head + CE + top-k KD, fused and chunked (kernels/kd_loss.py): Triton on CUDA, the chunked torch path
-    on CPU. On CUDA the head runs in bf16 (as autocast would run an nn.Linear), outside autocast because the
-    loss function picks its own precisions (fp32 softmax statistics, fp32 dW accumulation)."""
-    from kernels.kd_loss import linear_topk_kd_loss_chunked
-    hidden_ND = hidden_BTD.reshape(-1, hidden_BTD.shape[-1])
-    N, K = hidden_ND.shape[0], ids_BTK.shape[-1]
-    args = (labels_BT.reshape(N), ids_BTK.reshape(N, K), logprobs_BTK.reshape(N, K))  # K = 0 for sft
-    if hidden_ND.is_cuda:
-        hidden_ND, weight_VD = hidden_ND.to(torch.bfloat16), weight_VD.to(torch.bfloat16)
-    fn = kernels.linear_topk_kd_loss if kernels.use_triton(hidden_ND) else linear_topk_kd_loss_chunked
-    with torch.autocast(hidden_ND.device.type, enabled=False):
-        return fn(hidden_ND, weight_VD, *args, tau=tau, kd_weight=kd_weight, normalizer=normalizer,
-                  check_ids=check_ids)
+# Per-step statistics: the loss module's (LossStats) and the stop flag, summed over micro-batches and ranks in
+# one tensor (one all-reduce) and read on the host once, by name.
+STEP_STATS = LossStats._fields + ("stop",)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -201,7 +61,7 @@ class StepContext:
     """What the step needs besides the data; built once."""
     module: nn.Module                 # parallelized StudentWithLoss
     optimizer: torch.optim.Optimizer
-    teachers: object | None           # train.teacher.TeacherSet (None for sft)
+    teachers: object | None           # train.teachers.TeacherSet (None for sft)
     attn_teacher: Transformer | None  # online teacher whose attention maps are the target
     env: parallel.Env
     grad_clip: float
@@ -235,7 +95,7 @@ def teacher_signal(ctx: StepContext, batch):
     return sig.ids_BTK, sig.logprobs_BTK, teacher_qk
 
 
-def forward_backward(ctx: StepContext, batch, normalizer, last: bool) -> torch.Tensor:
+def forward_backward(ctx: StepContext, batch, normalizer, last: bool) -> LossStats:
     """One micro-batch: teacher signal, student forward + fused loss, backward. Returns the detached stats."""
     ids_BTK, logprobs_BTK, teacher_qk = teacher_signal(ctx, batch)
     b = batch.to(ctx.env.device, non_blocking=True)
@@ -254,15 +114,16 @@ def train_step(ctx: StepContext, micro_batches, lr: float, stop=None) -> dict:
     for group in ctx.optimizer.param_groups:
         group["lr"] = lr
     normalizer = global_loss_tokens(micro_batches, ctx.env)
-    stats = torch.zeros(len(STATS), device=ctx.env.device)
+    sums = torch.zeros(len(STEP_STATS), device=ctx.env.device)
     for i, mb in enumerate(micro_batches):
-        stats[:5] += forward_backward(ctx, mb, normalizer, last=i == len(micro_batches) - 1)
+        stats = forward_backward(ctx, mb, normalizer, last=i == len(micro_batches) - 1)
+        sums[:len(LossStats._fields)] += torch.stack(list(stats))
     ctx.check_ids = False
-    stats[5] = float(stop is not None and stop.requested)
-    parallel.all_reduce_sum(stats, ctx.env)
+    sums[STEP_STATS.index("stop")] = float(stop is not None and stop.requested)
+    parallel.all_reduce_sum(sums, ctx.env)
     grad_norm = clip_grad_norm(ctx.module, ctx.grad_clip)
-    values = torch.cat([stats, grad_norm.reshape(1).to(stats), normalizer.reshape(1)]).tolist()  # host sync: 1/step
-    s = dict(zip(STATS + ("grad_norm", "n_tokens"), values))
+    values = torch.cat([sums, grad_norm.reshape(1).to(sums), normalizer.reshape(1)]).tolist()  # host sync: 1/step
+    s = dict(zip(STEP_STATS + ("grad_norm", "n_tokens"), values))
     s["finite"] = math.isfinite(s["loss"]) and math.isfinite(s["grad_norm"])
     if s["finite"]:
         ctx.optimizer.step()
@@ -288,131 +149,6 @@ def lr_at(step: int, lr: float, warmup: int, total: int, min_ratio: float) -> fl
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Output: rank 0 only, through one object
-
-
-class Output:
-    """Rank 0's log lines, progress bar, metrics.jsonl and loss curve; other ranks get a silent instance."""
-
-    def __init__(self, run_dir: Path, active: bool, every: int, progress: bool, total: int, start: int):
-        self.active, self.every, self.run_dir = active, every, run_dir
-        self.history: list[dict] = []
-        self.bar = None
-        self._window: list[dict] = []
-        self._t0 = time.perf_counter()
-        if not active:
-            return
-        self.metrics_file = run_dir / "metrics.jsonl"
-        if self.metrics_file.exists():  # resumed: keep the records up to the checkpoint, drop later ones
-            kept = [json.loads(x) for x in self.metrics_file.read_text().splitlines() if x.strip()]
-            self.history = [r for r in kept if r.get("step", 0) <= start]
-        self.metrics_file.write_text("".join(json.dumps(r) + "\n" for r in self.history))
-        if progress:
-            try:
-                from tqdm.auto import tqdm
-                self.bar = tqdm(total=total, initial=start, dynamic_ncols=True, desc="train")
-            except ImportError:
-                self.info("tqdm not installed: no progress bar (pip install tqdm)")
-
-    def info(self, msg: str) -> None:
-        if not self.active:
-            return
-        if self.bar is not None:
-            self.bar.write(msg)
-        else:
-            print(msg, flush=True)
-
-    def step(self, step: int, rec: dict, force: bool = False) -> None:
-        if not self.active:
-            return
-        self._window.append(rec)
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tok_s']:.0f}", refresh=False)
-        if step % self.every and not force:
-            return
-        w, self._window = self._window, []
-        now = time.perf_counter()
-        out = {"step": step, **{k: sum(r[k] for r in w) / len(w) for k in ("loss", "ce", "kd", "attn", "aux",
-                                                                            "grad_norm")},
-               "lr": rec["lr"], "tokens": rec["tokens"], "tok_s": sum(r["step_tokens"] for r in w) / (now - self._t0),
-               "skipped": rec["skipped"], "peak_mem_gb": rec["peak_mem_gb"]}
-        if rec.get("mfu") is not None:
-            out["mfu"] = rec["mfu"]
-        self._t0 = now
-        self.history.append(out)
-        with open(self.metrics_file, "a") as f:
-            f.write(json.dumps(out) + "\n")
-        mfu = f" mfu {100 * out['mfu']:.1f}%" if "mfu" in out else ""
-        self.info(f"step {step:6d} | loss {out['loss']:.4f} ce {out['ce']:.4f} kd {out['kd']:.4f} "
-                  f"attn {out['attn']:.4f} | gnorm {out['grad_norm']:.3f} lr {out['lr']:.2e} | "
-                  f"{out['tok_s']:.0f} tok/s mem {out['peak_mem_gb']:.2f} GB{mfu}")
-
-    def close(self, plot: bool) -> None:
-        if not self.active:
-            return
-        if self.bar is not None:
-            self.bar.close()
-        if plot and self.history:
-            plot_losses(self.history, self.run_dir / "loss_curve.png", self.info)
-
-
-def plot_losses(history: list[dict], path: Path, note=print) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        note("matplotlib not installed: no loss_curve.png (pip install matplotlib); metrics.jsonl has the numbers")
-        return
-    steps = [r["step"] for r in history]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key in ("loss", "ce", "kd", "attn"):
-        ys = [r[key] for r in history]
-        if any(ys):
-            ax.plot(steps, ys, label=key)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (per loss token)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB (host RSS)
-
-
-_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0}
-
-
-def peak_flops(device: torch.device, override: float | None) -> float | None:
-    if override:
-        return override * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, tf in _PEAK_TFLOPS.items():
-        if key in name:
-            return tf * 1e12
-    return None
-
-
-def flops_per_token(args, seq_len: int, train: bool) -> float:
-    """6 (train) or 2 (forward) x active non-embedding parameters, plus attention scores (PaLM's appendix B):
-    12 L H Dh T per token for training, a third of it forward-only."""
-    D, F, L, H, G, Dh, V = args.dim, args.hidden_dim, args.n_layers, args.n_heads, args.n_kv_heads, args.head_dim, \
-        args.vocab_size
-    ffn = 3 * D * F * (args.moe.num_experts_per_tok if args.moe else 1) + (D * args.moe.num_experts if args.moe else 0)
-    params = L * (D * Dh * (2 * H + 2 * G) + ffn) + V * D
-    attn = 12 * L * H * Dh * seq_len
-    return 6 * params + attn if train else (2 * params + attn / 3)
-
-
-# ------------------------------------------------------------------------------------------------------------
 # Building blocks of a run
 
 
@@ -427,23 +163,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def build_packed(d, tokenizer_dir: str, teacher_names, cache_dir: Path, env: parallel.Env):
-    """The PackedDataset of `d` (a DataConfig): rank 0 tokenises and packs into `cache_dir` first, the other ranks
-    then read the same cache (train.data.prepare_packed is deterministic and keyed by content)."""
-    from train.data import PackedDataset, prepare_packed
-    if d.packed:
-        return PackedDataset.load(d.packed)
-    from transformers import AutoTokenizer
-    packed = None
-    for turn in (True, False):  # rank 0 first, then everyone else
-        if env.is_main == turn:
-            tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-            packed = prepare_packed(d.paths, tok, d.seq_len, teacher_names=teacher_names, cache_dir=str(cache_dir),
-                                    num_proc=d.num_proc, pad_id=d.pad_id)
-        parallel.barrier(env)
-    return packed
 
 
 def build_data(cfg: Config, run_dir: Path, env: parallel.Env, out: Output):
@@ -471,8 +190,8 @@ def build_teachers(cfg: Config, packed, env: parallel.Env):
     """TeacherSet whose `names` follow the packed data's teacher indices (kd: every index is the one teacher)."""
     if cfg.subcommand == "sft":
         return None
-    from train.teacher import TeacherSpec
-    from train.teacher import build_teachers as build
+    from train.teachers import TeacherSpec
+    from train.teachers import build_teachers as build
     t = cfg.teachers
     specs = {name: TeacherSpec(path=s.path or None, store=s.store or None, shard=s.shard)
              for name, s in t.named.items()}
@@ -481,7 +200,7 @@ def build_teachers(cfg: Config, packed, env: parallel.Env):
         names = [only] * len(packed.teacher_names)
     else:
         names = list(packed.teacher_names)
-    dtype = None if t.dtype == "auto" else getattr(torch, t.dtype)
+    dtype = torch_dtype(t.dtype)
     # Stores must be captured from exactly this packing and k; the tokenizer was compared by content in preflight.
     return build(specs, t.k, device=env.device, dtype=dtype, names=names, expected=expected_for(packed, t.k))
 
@@ -493,34 +212,6 @@ def decay_groups(module: nn.Module, weight_decay: float) -> list[dict]:
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def export_student(module: nn.Module, path: Path, env: parallel.Env, tokenizer_dir: str | None,
-                   strategy: str) -> None:
-    """The student as an HF directory (safetensors, config.json, tokenizer files); every rank must call it."""
-    inner = parallel.unwrap(module).student
-    if strategy == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if env.is_main:
-            with torch.device("meta"):
-                model = Transformer(inner.args)
-            model.load_state_dict({k.removeprefix("student."): v for k, v in full.items()}, assign=True)
-    else:
-        model = inner
-    if env.is_main:
-        save_hf(model, path)
-        copy_tokenizer(tokenizer_dir, path)
-    parallel.barrier(env)
-
-
-def copy_tokenizer(src, dst: Path) -> None:
-    if not src:
-        return
-    for name in TOKENIZER_FILES:
-        f = Path(src) / name
-        if f.is_file():
-            shutil.copy2(f, dst / name)
 
 
 class StopFlag:
@@ -572,13 +263,14 @@ def _run(cfg: Config, env: parallel.Env, shapes: dict) -> Path:
     ckpt.remove_partial(run_dir, env)
     seed_everything(cfg.run.seed)
     start = ckpt.step_of(resume_from) if resume_from else 0
-    out = Output(run_dir, env.is_main, cfg.logging.every, cfg.logging.progress, cfg.schedule.steps, start)
+    out = Output(run_dir, env.is_main, cfg.logging.every, cfg.logging.progress, cfg.schedule.steps, start,
+                 tensorboard=cfg.logging.tensorboard)
     out.info(f"{cfg.subcommand}: run dir {run_dir}, {env.world_size} process(es) on {env.device.type}, "
              f"strategy {strategy}" + (f", resuming from {resume_from}" if resume_from else ""))
 
     packed, sampler = build_data(cfg, run_dir, env, out)
     teachers = build_teachers(cfg, packed, env)
-    dtype = getattr(torch, cfg.model.dtype)
+    dtype = torch_dtype(cfg.model.dtype)
     # FSDP: built on the meta device and sharded first; the weights arrive after (materialize_from_rank0).
     student = load_hf(cfg.model.path, dtype=dtype, device="meta" if strategy == "fsdp" else env.device)
     attn_teacher, teacher_args = None, None
@@ -676,7 +368,7 @@ def _run(cfg: Config, env: parallel.Env, shapes: dict) -> Path:
             export_student(module, run_dir / "final", env, cfg.data.tokenizer or cfg.model.path, strategy)
             out.info(f"final student: {run_dir / 'final'}")
         if teachers is not None:
-            out.info(f"rows per teacher (all ranks): {sum_over_ranks(teachers.rows_seen)}")
+            out.info(f"rows per teacher (all ranks): {parallel.sum_over_ranks(teachers.rows_seen)}")
     out.close(cfg.logging.plot)
     return run_dir
 

@@ -111,88 +111,19 @@ def _dispatch(cfg) -> None:
         if _is_rank0():
             print(f"done: {run_dir}")
     elif sub == "capture":
+        from train.teachers.capture import capture
         capture(cfg)
     elif sub == "upcycle":
+        from train.export import upcycle
         upcycle(cfg)
     elif sub == "export":
+        from train.export import export
         export(cfg)
 
 
 def _is_rank0() -> bool:
     import os
     return os.environ.get("RANK", "0") == "0"
-
-
-def capture(cfg) -> None:
-    """One teacher over the packed data, once; each rank writes its share of the store (train/store.py)."""
-    import torch
-
-    from train import parallel
-    from train.config import ConfigError
-    from train.loop import _model_args, build_packed
-    from train.store import run_capture
-    (name, spec), = cfg.teachers.named.items()
-    _model_args(spec.path, f"teachers.{name}.path")
-    c, d = cfg.capture, cfg.data
-    tok_dir = d.tokenizer or spec.path
-    if d.paths and not any((Path(tok_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
-        raise ConfigError(f"no tokenizer in {tok_dir!r}; set --data.tokenizer=<the student's tokenizer directory>")
-    env = parallel.init_distributed(cfg.run.device, cfg.parallel.timeout_s)
-    try:
-        cache = Path(d.cache_dir) if d.cache_dir else Path(c.out).with_name(Path(c.out).name + ".data")
-        packed = build_packed(d, tok_dir, ["reference", "domain"] if c.rows_of else None, cache, env)
-        dtype = None if cfg.teachers.dtype == "auto" else getattr(torch, cfg.teachers.dtype)
-        run_capture(spec.path, packed, c.out, cfg.teachers.k, c.batch_size, rank=env.rank,
-                    world_size=env.world_size, dtype=c.logprobs_dtype, teacher=c.rows_of or None,
-                    tokenizer_path=tok_dir, device=env.device, compute_dtype=dtype, shard=spec.shard,
-                    block_samples=c.block_samples)
-    finally:
-        parallel.shutdown(env)
-
-
-def upcycle(cfg) -> None:
-    import model as M
-    from train.loop import copy_tokenizer
-    u = cfg.upcycle
-    dense = M.load_hf(cfg.model.path, dtype=getattr(__import__("torch"), cfg.model.dtype))
-    moe = M.upcycle(dense, u.num_experts, u.top_k, router_std=u.router_std, aux_loss_coef=u.aux_loss_coef,
-                    seed=u.seed)
-    out = M.save_hf(moe, u.out)
-    copy_tokenizer(cfg.model.path, out)
-    print(f"upcycled {cfg.model.path} -> {out} ({u.num_experts} experts, top-{u.top_k})")
-
-
-def export(cfg) -> None:
-    import json
-
-    import torch
-
-    import model as M
-    from train import checkpoint as ckpt
-    from train.loop import LossSettings, StudentWithLoss, _model_args, copy_tokenizer
-    path = Path(cfg.export.checkpoint)
-    if not (path / ckpt.STATE_FILE).exists():
-        newest = ckpt.latest(path)
-        if newest is None:
-            raise SystemExit(f"export: {path} is neither a complete step-N/ checkpoint nor a run directory that "
-                             f"holds one")
-        path = newest
-    run_cfg = json.loads((path.parent / "config.json").read_text()) if (path.parent / "config.json").exists() else {}
-    model_path = cfg.model.path or run_cfg.get("model", {}).get("path", "")
-    if not model_path:
-        raise SystemExit("export: set --model.path=<the student's HF directory the run started from> (its "
-                         "config.json gives the architecture)")
-    args = _model_args(model_path, "model.path")
-    with torch.device("meta"):
-        student = M.Transformer(args)
-    student = student.to_empty(device="cpu")  # fp32 shell; DCP fills it, then it is cast for saving
-    module = StudentWithLoss(student, LossSettings(1.0, 1.0, 0.0, 0.0))
-    ckpt.load_model_only(path, module)
-    student = student.to(getattr(torch, cfg.export.dtype))
-    out = Path(cfg.export.out) if cfg.export.out else path.parent / f"export-{path.name}"
-    M.save_hf(student, out)
-    copy_tokenizer(run_cfg.get("data", {}).get("tokenizer") or model_path, out)
-    print(f"exported {path} -> {out}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ A single process (world size 1, e.g. `train.loop.run(cfg)` called in-process) op
 below is skipped then, and DCP checkpoints work without a group.
 
 `parallelize` is the one function that wraps the trainable module; its order is the point of it (below).
+Every collective the trainer, the teachers and capture use lives here (one module, torchtitan's
+`distributed/utils.py`), so that a reader looking for "where do ranks talk" opens one file.
 """
 from __future__ import annotations
 
@@ -33,7 +35,23 @@ class Env:
 
     @property
     def distributed(self) -> bool:
-        return dist.is_available() and dist.is_initialized()
+        return is_distributed()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def mesh_device() -> torch.device:
+    """The device this rank computes on: its current GPU, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def collective_device() -> torch.device:
+    """Where small control tensors for collectives live: the GPU under NCCL, the CPU under gloo."""
+    return mesh_device() if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def init_distributed(device: str = "auto", timeout_s: int = 1800) -> Env:
@@ -83,6 +101,26 @@ def broadcast_int(value: int, env: Env) -> int:
     t = torch.tensor([value], dtype=torch.long, device=env.device)
     dist.broadcast(t, 0)
     return int(t.item())
+
+
+def sum_over_ranks(counts: dict[str, int]) -> dict[str, int]:
+    """Integer counts by name, summed over the ranks of the process group (unchanged without one); every rank
+    must call it with the same names. Host sync (the sums come back to Python)."""
+    if not is_distributed():
+        return dict(counts)
+    names = sorted(counts)
+    t = torch.tensor([counts[n] for n in names], dtype=torch.long, device=collective_device())
+    dist.all_reduce(t)
+    return dict(zip(names, t.tolist()))
+
+
+def any_rank(flag: bool) -> bool:
+    """True if `flag` holds on any rank (a sharded teacher needs every rank in each forward). Host sync."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([int(flag)], device=collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def resolve_strategy(strategy: str, env: Env) -> str:

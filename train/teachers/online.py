@@ -1,108 +1,19 @@
-"""Teacher signals: for every loss position of a batch, the teacher's top-k token ids and log-probabilities.
-
-Two sources give the loss exactly the same thing (DESIGN.md, decision 1):
-  online   `OnlineTeacher`: one of our models loaded from an HF directory, frozen, optionally FSDP2-sharded;
-  offline  `train.store.StoreReader`: a top-k store written earlier by `capture` (train/store.py).
-`TeacherSet` holds several teachers by name and runs each only on the rows that name it (decision 3).
-
-Dimensions: B batch rows, T tokens per row, D model width, V vocabulary, K teacher top-k,
-N loss positions of a batch (labels != -100), C loss positions per LM-head chunk.
+"""Online teachers: one of our models loaded from an HF directory, frozen, optionally FSDP2-sharded; and
+`TeacherSet`, which holds a run's teachers by name (online or a store) and runs each only on the rows that name it
+(docs/design.md, decision 3).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from model import Transformer, load_hf
-from train.data import IGNORE as IGNORE_INDEX  # the data pipeline defines the no-loss label
-
-
-class TopK(NamedTuple):
-    """Aligned with labels_BT: row (b, t) is the teacher's top-K over the distribution that predicts labels_BT[b, t]
-    (its logits at position t), best first. Rows where labels_BT == -100 hold id 0, logprob 0 (the loss ignores
-    them)."""
-    ids_BTK: torch.Tensor       # int64
-    logprobs_BTK: torch.Tensor  # float32
-
-
-class Rows(NamedTuple):
-    """The fields of a PackedBatch a teacher reads, for a subset of its rows (see `select_rows`)."""
-    tokens_BT: torch.Tensor
-    labels_BT: torch.Tensor
-    positions_BT: torch.Tensor | None
-    doc_ids_BT: torch.Tensor | None
-    sample_idx_B: torch.Tensor | None
-
-
-def select_rows(batch, rows_B: torch.Tensor | None) -> Rows:
-    """`batch` (a PackedBatch or Rows) restricted to the row indices `rows_B` (all rows when None)."""
-    def pick(x):
-        if x is None or rows_B is None:
-            return x
-        return x.index_select(0, rows_B.to(x.device))
-    return Rows(pick(batch.tokens_BT), pick(batch.labels_BT), pick(getattr(batch, "positions_BT", None)),
-                pick(getattr(batch, "doc_ids_BT", None)), pick(getattr(batch, "sample_idx_B", None)))
-
-
-def loss_positions(labels_BT: torch.Tensor) -> torch.Tensor:
-    """Flat indices (into B*T) of the loss positions, ascending (row-major: b, then t): the order in which
-    `TopK` rows are produced online and stored offline.
-
-    Host sync: `nonzero` must know N. The data loader hands labels over on the CPU, where this costs nothing;
-    on a CUDA tensor it waits for the queue (the trainer should pass CPU labels)."""
-    return (labels_BT.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
-
-
-def head_chunk_rows(vocab_size: int, budget_bytes: int = 256 << 20) -> int:
-    """Loss positions per LM-head chunk so that one chunk's logits stay under `budget_bytes`.
-
-    Per position a chunk holds V logits in the model dtype (2 B in bf16) and their fp32 copy (4 B), 6 B x V:
-    at V = 32000 that is 192 KB, so 256 MiB gives C = 1398 positions (a [1398, 4096] x [4096, 32000] GEMM,
-    large enough to be compute-bound), instead of N x V x 6 B = 1.5 GB for a 8 x 1024-token batch at N = 8192.
-    """
-    return max(1, budget_bytes // (6 * vocab_size))
-
-
-@torch.no_grad()
-def topk_logprobs(hidden_ND: torch.Tensor, weight_VD: torch.Tensor, k: int, chunk_rows: int | None = None):
-    """Top-k of log_softmax(hidden_ND @ weight_VD.T) per row, chunk by chunk: (ids_NK int64, logprobs_NK fp32).
-
-    Logits come out of the GEMM in the weight dtype (bf16 on GPU, as the teacher's own head computes them) and
-    are normalised in fp32. top-k runs on the fp32 logits and the log-partition is subtracted afterwards:
-    log_softmax is a per-row shift, so the order is the same and no second [C, V] fp32 buffer is needed.
-    """
-    N, V = hidden_ND.shape[0], weight_VD.shape[0]
-    if not 1 <= k <= V:
-        raise ValueError(f"k={k} must be in [1, V={V}]")
-    C = chunk_rows or head_chunk_rows(V)
-    ids_NK = torch.empty(N, k, dtype=torch.long, device=hidden_ND.device)
-    logprobs_NK = torch.empty(N, k, dtype=torch.float32, device=hidden_ND.device)
-    for s in range(0, N, C):  # no host sync inside: N is already a host int
-        logits_CV = F.linear(hidden_ND[s:s + C].to(weight_VD.dtype), weight_VD).float()
-        top_CK, ids_CK = logits_CV.topk(k, dim=-1)
-        logprobs_NK[s:s + C] = top_CK - torch.logsumexp(logits_CV, dim=-1, keepdim=True)
-        ids_NK[s:s + C] = ids_CK
-    return ids_NK, logprobs_NK
-
-
-def dense_topk(idx_N: torch.Tensor, ids_NK: torch.Tensor, logprobs_NK: torch.Tensor, B: int, T: int) -> TopK:
-    """Scatter per-loss-position rows into the dense TopK contract (id 0, logprob 0 elsewhere)."""
-    K = ids_NK.shape[1]
-    ids_BTK = torch.zeros(B * T, K, dtype=torch.long, device=ids_NK.device)
-    logprobs_BTK = torch.zeros(B * T, K, dtype=torch.float32, device=ids_NK.device)
-    idx_N = idx_N.to(ids_NK.device)
-    ids_BTK[idx_N] = ids_NK.long()
-    logprobs_BTK[idx_N] = logprobs_NK.float()
-    return TopK(ids_BTK.view(B, T, K), logprobs_BTK.view(B, T, K))
-
-
-def default_dtype(device) -> torch.dtype:
-    """bf16 on CUDA (the teacher's native precision, half the memory of fp32), fp32 on CPU (correctness runs)."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+from train import parallel
+from train.data import IGNORE
+from train.teachers.signal import Rows, TopK, default_dtype, dense_topk, loss_positions, select_rows, topk_logprobs
+from train.teachers.store import StoreReader
 
 
 def shard_teacher(model: Transformer, mesh=None) -> Transformer:
@@ -122,10 +33,6 @@ def shard_teacher(model: Transformer, mesh=None) -> Transformer:
     return model
 
 
-def _distributed() -> bool:
-    import torch.distributed as dist
-    return dist.is_available() and dist.is_initialized()
-
 
 class OnlineTeacher:
     """A frozen model that answers top-k at loss positions. `sharded` = wrapped by `shard_teacher`."""
@@ -134,7 +41,7 @@ class OnlineTeacher:
         if not 1 <= k <= model.args.vocab_size:
             raise ValueError(f"k={k} must be in [1, vocab_size={model.args.vocab_size}]")
         self.model, self.k, self.sharded, self.chunk_rows = model, k, sharded, chunk_rows
-        self.device = next(iter(model.parameters())).device if not sharded else _mesh_device()
+        self.device = next(iter(model.parameters())).device if not sharded else parallel.mesh_device()
 
     @classmethod
     def load(cls, path, k: int, device="cpu", dtype: torch.dtype | None = None, shard: bool = False,
@@ -145,14 +52,13 @@ class OnlineTeacher:
         each GPU holds 1/W of it, so a teacher larger than one GPU fits."""
         path = Path(path)
         dtype = dtype or default_dtype(device)
-        shard = shard and _distributed()
+        shard = shard and parallel.is_distributed()
         model = load_hf(path, dtype=dtype, device="meta" if shard else device)
         model.requires_grad_(False).eval()
         if shard:
-            from train.parallel import materialize_from_rank0
             shard_teacher(model)
-            materialize_from_rank0(model, lambda: load_hf(path, dtype=dtype, device="cpu").state_dict(),
-                                   _mesh_device())
+            parallel.materialize_from_rank0(model, lambda: load_hf(path, dtype=dtype, device="cpu").state_dict(),
+                                   parallel.mesh_device())
         return cls(model, k, sharded=shard, chunk_rows=chunk_rows)
 
     @torch.no_grad()
@@ -186,31 +92,7 @@ class OnlineTeacher:
         """One forward on a single token plus the head gather: what a sharded teacher's collectives need from a
         rank that has no rows of this teacher in a step where another rank has some."""
         t_11 = torch.zeros(1, 1, dtype=torch.long, device=self.device)
-        self.loss_topk(Rows(t_11, torch.full_like(t_11, IGNORE_INDEX), None, None, None))
-
-
-def _mesh_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def collective_device() -> torch.device:
-    """Where small control tensors for collectives live: the GPU under NCCL, the CPU under gloo."""
-    import torch.distributed as dist
-    return _mesh_device() if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def sum_over_ranks(counts: dict[str, int]) -> dict[str, int]:
-    """Integer counts by name, summed over the ranks of the process group (unchanged without one); every rank
-    must call it with the same names. Host sync (the sums come back to Python)."""
-    if not _distributed():
-        return dict(counts)
-    import torch.distributed as dist
-    names = sorted(counts)
-    t = torch.tensor([counts[n] for n in names], dtype=torch.long, device=collective_device())
-    dist.all_reduce(t)
-    return dict(zip(names, t.tolist()))
+        self.loss_topk(Rows(t_11, torch.full_like(t_11, IGNORE), None, None, None))
 
 
 @dataclass
@@ -266,7 +148,7 @@ class TeacherSet:
         Host sync: one per step, decides which teachers run."""
         if not any(isinstance(s, OnlineTeacher) and s.sharded for s in self.sources.values()):
             return None
-        return sum_over_ranks({n: len(groups.get(n, ())) for n in self.sources})
+        return parallel.sum_over_ranks({n: len(groups.get(n, ())) for n in self.sources})
 
     def signals(self, batch) -> TopK:
         """TopK [B, T, K] on `self.device`; each row from its own teacher, each teacher run once on its rows."""
@@ -306,8 +188,6 @@ def build_teachers(specs: dict, k: int, device="cpu", dtype: torch.dtype | None 
     on CUDA, fp32 on CPU unless `dtype`); offline ones open their store with `StoreReader(store, expected)`,
     which refuses a store made with another tokenizer, packing, dataset or K (`k` is added to `expected`).
     `names`: the run's ordered teacher names that batch.teacher_B indexes (default: the order of `specs`)."""
-    from train.store import StoreReader
-
     sources = {}
     for name, spec in specs.items():
         if isinstance(spec, dict):

@@ -1,4 +1,12 @@
-"""Attention transfer (the paper's optional phase-1 term): KL between teacher and student attention rows.
+"""The objective: the trainable module (student forward + fused LM head, CE and top-k KD) and the optional
+attention-transfer term. To change the KD objective, this file and kernels/kd_loss.py are the two to read.
+
+Normalisation (docs/design.md, decision 2): every term's sum over loss tokens is divided by n, the loss-token count of
+the whole optimizer step over all micro-batches and ranks (the step computes it once, before the
+micro-batches), so the gradient is the same whatever the split into micro-batches and ranks. The MoE
+load-balancing loss is a per-forward mean and is averaged over the step's forwards (coef * aux_scale * aux).
+
+Attention transfer (the paper's optional phase-1 term): KL between teacher and student attention rows.
 
     L_attn = mean over layers l, heads h and loss-token query rows t of  KL( A_T[l, h, t, :] || A_S[l, h, t, :] )
 
@@ -12,16 +20,85 @@ in the forward and again in the backward: peak is one layer's maps instead of L 
 T=4096 one fp32 map is 2 GiB, so long sequences want the per-head loop below the layer (not done: the
 paper's students are trained at T <= 2048 with this term).
 
-Dimensions: B batch, H query heads, G key/value heads, T tokens (queries and keys), Dh head width, L layers.
+Dimensions: B sequences, T tokens (queries and keys), N = B*T, K teacher top-k, D hidden, V vocabulary,
+H query heads, G key/value heads, Dh head width, L layers.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+import kernels
+from model import Transformer, capture_qk
 from model.model import attention_mask
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The trainable module: student forward and the fused loss in one forward, so DDP/FSDP see the LM head used
+# inside the wrapped module (the loss reads the head weight directly instead of producing logits).
+
+
+@dataclass
+class LossSettings:
+    kd_weight: float
+    tau: float
+    attn_weight: float
+    aux_coef: float
+
+
+class LossStats(NamedTuple):
+    """One forward's detached statistics, summed over micro-batches and ranks by the step (one all-reduce)."""
+    loss: torch.Tensor      # what was backpropagated (already divided by the step's loss tokens n)
+    ce_sum: torch.Tensor    # CE summed over this forward's loss tokens
+    kd_sum: torch.Tensor    # top-k KD summed likewise
+    attn_sum: torch.Tensor  # attention KL summed over layers, heads and loss rows
+    aux: torch.Tensor       # MoE load-balancing loss of this forward (a mean)
+
+
+class StudentWithLoss(nn.Module):
+    def __init__(self, student: Transformer, loss: LossSettings, teacher_args=None):
+        super().__init__()
+        self.student, self.loss, self.teacher_args = student, loss, teacher_args
+
+    def forward(self, tokens_BT, labels_BT, positions_BT, doc_ids_BT, ids_BTK, logprobs_BTK, normalizer,
+                aux_scale: float, teacher_qk=None, check_ids: bool = False) -> tuple[torch.Tensor, LossStats]:
+        """(loss to backpropagate, its detached LossStats). The LM head + CE + top-k KD run fused and chunked in
+        `kernels.linear_topk_kd_loss` (which picks Triton or torch itself); on CUDA the head runs in bf16, as
+        autocast would run an nn.Linear, but outside autocast, because the loss picks its own precisions (fp32
+        softmax statistics, fp32 dW accumulation)."""
+        s, lo = self.student, self.loss
+        attn = teacher_qk is not None
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if tokens_BT.is_cuda
+                    else contextlib.nullcontext())
+        with autocast, (capture_qk(s) if attn else contextlib.nullcontext()) as student_qk:
+            hidden_BTD, aux = s.forward_with_aux(tokens_BT, positions_BT, doc_ids_BT)
+        hidden_ND, weight_VD = hidden_BTD.reshape(-1, hidden_BTD.shape[-1]), s.output.weight
+        N, K = hidden_ND.shape[0], ids_BTK.shape[-1]  # K = 0 for sft
+        if hidden_ND.is_cuda:
+            hidden_ND, weight_VD = hidden_ND.to(torch.bfloat16), weight_VD.to(torch.bfloat16)
+        with torch.autocast(hidden_ND.device.type, enabled=False):
+            out = kernels.linear_topk_kd_loss(hidden_ND, weight_VD, labels_BT.reshape(N), ids_BTK.reshape(N, K),
+                                              logprobs_BTK.reshape(N, K), tau=lo.tau, kd_weight=lo.kd_weight,
+                                              normalizer=normalizer, check_ids=check_ids)
+        loss = out.loss
+        attn_sum = torch.zeros((), device=loss.device)
+        if attn:
+            attn_sum = attention_kl_sum(student_qk, teacher_qk, s.args, self.teacher_args, labels_BT, doc_ids_BT)
+            loss = loss + lo.attn_weight * attn_sum / (normalizer * s.args.n_layers * s.args.n_heads)
+        if s.args.moe is not None and lo.aux_coef > 0:
+            loss = loss + (lo.aux_coef * aux_scale) * aux
+        return loss, LossStats(loss.detach().float(), out.ce_sum.float(), out.kd_sum.float(),
+                               attn_sum.detach().float(), aux.detach().float())
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The attention-transfer term (see the module docstring)
 
 
 def check_compatible(student_args, teacher_args) -> None:

@@ -1,0 +1,56 @@
+"""train/metrics.py: metrics.jsonl records, and the opt-in TensorBoard writer read back from its event file."""
+import json
+import math
+
+import pytest
+
+from train.metrics import Output
+
+
+def _rec(i):
+    return {"loss": 2.0 / (i + 1), "ce": 1.5 / (i + 1), "kd": 0.5 / (i + 1), "attn": 0.0, "aux": 0.01 * i,
+            "grad_norm": 1.0 + i, "lr": 1e-4 * (i + 1), "tokens": 64 * (i + 1), "step_tokens": 64, "tok_s": 1000.0,
+            "skipped": 0, "peak_mem_gb": 0.5, "mfu": None}
+
+
+def test_tensorboard_scalars_equal_metrics_jsonl(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = Output(tmp_path, active=True, every=2, progress=False, total=6, start=0, tensorboard=True)
+    for i in range(6):
+        out.step(i + 1, _rec(i))
+    out.close(plot=False)
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6]
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert tags == {f"train/{k}" for k in records[0] if k != "step"}
+    for key in records[0]:
+        if key == "step":
+            continue
+        events = acc.Scalars(f"train/{key}")
+        assert [e.step for e in events] == [2, 4, 6]
+        for e, r in zip(events, records):  # event files hold fp32
+            assert math.isclose(e.value, r[key], rel_tol=1e-6, abs_tol=1e-9), (key, e.value, r[key])
+
+
+def test_tensorboard_off_writes_nothing(tmp_path):
+    out = Output(tmp_path, active=True, every=1, progress=False, total=1, start=0)
+    out.step(1, _rec(0))
+    out.close(plot=False)
+    assert not (tmp_path / "tensorboard").exists()
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_tensorboard_missing_package_is_a_clear_error(tmp_path, monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_tb(name, *a, **k):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *a, **k)
+    monkeypatch.setattr(builtins, "__import__", no_tb)
+    with pytest.raises(ImportError, match="pip install tensorboard"):
+        Output(tmp_path, active=True, every=1, progress=False, total=1, start=0, tensorboard=True)

@@ -1,0 +1,87 @@
+"""Checkpoint or trained module -> an HF directory (safetensors, config.json, tokenizer files).
+`export_student` is what a run calls at its end; `export(cfg)` is the `export` subcommand.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import model as M
+from train import checkpoint as ckpt
+from train import parallel
+from train.config import torch_dtype
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja")
+
+
+def export_student(module: nn.Module, path: Path, env: parallel.Env, tokenizer_dir: str | None,
+                   strategy: str) -> None:
+    """The student as an HF directory (safetensors, config.json, tokenizer files); every rank must call it."""
+    inner = parallel.unwrap(module).student
+    if strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if env.is_main:
+            with torch.device("meta"):
+                model = M.Transformer(inner.args)
+            model.load_state_dict({k.removeprefix("student."): v for k, v in full.items()}, assign=True)
+    else:
+        model = inner
+    if env.is_main:
+        M.save_hf(model, path)
+        copy_tokenizer(tokenizer_dir, path)
+    parallel.barrier(env)
+
+
+def copy_tokenizer(src, dst: Path) -> None:
+    if not src:
+        return
+    for name in TOKENIZER_FILES:
+        f = Path(src) / name
+        if f.is_file():
+            shutil.copy2(f, dst / name)
+
+
+def export(cfg) -> None:
+    """The `export` subcommand: a step-N/ checkpoint (or the newest one of a run directory) -> an HF directory."""
+    from train.loss import LossSettings, StudentWithLoss
+    from train.preflight import read_model_args
+    path = Path(cfg.export.checkpoint)
+    if not (path / ckpt.STATE_FILE).exists():
+        newest = ckpt.latest(path)
+        if newest is None:
+            raise SystemExit(f"export: {path} is neither a complete step-N/ checkpoint nor a run directory that "
+                             f"holds one")
+        path = newest
+    run_cfg = json.loads((path.parent / "config.json").read_text()) if (path.parent / "config.json").exists() else {}
+    model_path = cfg.model.path or run_cfg.get("model", {}).get("path", "")
+    if not model_path:
+        raise SystemExit("export: set --model.path=<the student's HF directory the run started from> (its "
+                         "config.json gives the architecture)")
+    args = read_model_args(model_path, "model.path")
+    with torch.device("meta"):
+        student = M.Transformer(args)
+    student = student.to_empty(device="cpu")  # fp32 shell; DCP fills it, then it is cast for saving
+    module = StudentWithLoss(student, LossSettings(1.0, 1.0, 0.0, 0.0))
+    ckpt.load_model_only(path, module)
+    student = student.to(torch_dtype(cfg.export.dtype))
+    out = Path(cfg.export.out) if cfg.export.out else path.parent / f"export-{path.name}"
+    M.save_hf(student, out)
+    copy_tokenizer(run_cfg.get("data", {}).get("tokenizer") or model_path, out)
+    print(f"exported {path} -> {out}")
+
+
+def upcycle(cfg) -> None:
+    """The `upcycle` subcommand: a dense student -> an MoE student whose experts are copies of its FFN."""
+    u = cfg.upcycle
+    dense = M.load_hf(cfg.model.path, dtype=torch_dtype(cfg.model.dtype))
+    moe = M.upcycle(dense, u.num_experts, u.top_k, router_std=u.router_std, aux_loss_coef=u.aux_loss_coef,
+                    seed=u.seed)
+    out = M.save_hf(moe, u.out)
+    copy_tokenizer(cfg.model.path, out)
+    print(f"upcycled {cfg.model.path} -> {out} ({u.num_experts} experts, top-{u.top_k})")

@@ -1,0 +1,155 @@
+"""What a run shows: rank 0's log lines and progress bar, metrics.jsonl, the loss-curve PNG, an opt-in
+TensorBoard writer with the same scalars, and the figures they report (peak memory, FLOPs per token, MFU).
+To change what is logged, this is the file.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+
+class Output:
+    """Rank 0's log lines, progress bar, metrics.jsonl and loss curve; other ranks get a silent instance."""
+
+    def __init__(self, run_dir: Path, active: bool, every: int, progress: bool, total: int, start: int,
+                 tensorboard: bool = False):
+        self.active, self.every, self.run_dir = active, every, run_dir
+        self.history: list[dict] = []
+        self.bar = None
+        self.tb = None
+        self._window: list[dict] = []
+        self._t0 = time.perf_counter()
+        if not active:
+            return
+        self.metrics_file = run_dir / "metrics.jsonl"
+        if self.metrics_file.exists():  # resumed: keep the records up to the checkpoint, drop later ones
+            kept = [json.loads(x) for x in self.metrics_file.read_text().splitlines() if x.strip()]
+            self.history = [r for r in kept if r.get("step", 0) <= start]
+        self.metrics_file.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        if tensorboard:
+            self.tb = tensorboard_writer(run_dir / "tensorboard", purge_step=start + 1)
+        if progress:
+            try:
+                from tqdm.auto import tqdm
+                self.bar = tqdm(total=total, initial=start, dynamic_ncols=True, desc="train")
+            except ImportError:
+                self.info("tqdm not installed: no progress bar (pip install tqdm)")
+
+    def info(self, msg: str) -> None:
+        if not self.active:
+            return
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def step(self, step: int, rec: dict, force: bool = False) -> None:
+        if not self.active:
+            return
+        self._window.append(rec)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tok_s']:.0f}", refresh=False)
+        if step % self.every and not force:
+            return
+        w, self._window = self._window, []
+        now = time.perf_counter()
+        out = {"step": step, **{k: sum(r[k] for r in w) / len(w) for k in ("loss", "ce", "kd", "attn", "aux",
+                                                                            "grad_norm")},
+               "lr": rec["lr"], "tokens": rec["tokens"], "tok_s": sum(r["step_tokens"] for r in w) / (now - self._t0),
+               "skipped": rec["skipped"], "peak_mem_gb": rec["peak_mem_gb"]}
+        if rec.get("mfu") is not None:
+            out["mfu"] = rec["mfu"]
+        self._t0 = now
+        self.history.append(out)
+        with open(self.metrics_file, "a") as f:
+            f.write(json.dumps(out) + "\n")
+        if self.tb is not None:  # the same scalars as the metrics.jsonl record, under train/<name>
+            for key, value in out.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(f"train/{key}", value, step)
+            self.tb.flush()
+        mfu = f" mfu {100 * out['mfu']:.1f}%" if "mfu" in out else ""
+        self.info(f"step {step:6d} | loss {out['loss']:.4f} ce {out['ce']:.4f} kd {out['kd']:.4f} "
+                  f"attn {out['attn']:.4f} | gnorm {out['grad_norm']:.3f} lr {out['lr']:.2e} | "
+                  f"{out['tok_s']:.0f} tok/s mem {out['peak_mem_gb']:.2f} GB{mfu}")
+
+    def close(self, plot: bool) -> None:
+        if not self.active:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if plot and self.history:
+            plot_losses(self.history, self.run_dir / "loss_curve.png", self.info)
+
+
+def tensorboard_writer(log_dir: Path, purge_step: int):
+    """torch's SummaryWriter, imported only when asked for (the `tensorboard` package is an extra). purge_step:
+    a resumed run discards events after its checkpoint, as metrics.jsonl drops its later records."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ImportError("logging.tensorboard = true needs the tensorboard package: pip install tensorboard "
+                          "(or pip install '.[tensorboard]'); or set logging.tensorboard = false") from e
+    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+
+
+def plot_losses(history: list[dict], path: Path, note=print) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        note("matplotlib not installed: no loss_curve.png (pip install matplotlib); metrics.jsonl has the numbers")
+        return
+    steps = [r["step"] for r in history]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in ("loss", "ce", "kd", "attn"):
+        ys = [r[key] for r in history]
+        if any(ys):
+            ax.plot(steps, ys, label=key)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (per loss token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB (host RSS)
+
+
+_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0}
+
+
+def peak_flops(device: torch.device, override: float | None) -> float | None:
+    if override:
+        return override * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tf in _PEAK_TFLOPS.items():
+        if key in name:
+            return tf * 1e12
+    return None
+
+
+def flops_per_token(args, seq_len: int, train: bool) -> float:
+    """6 (train) or 2 (forward) x active non-embedding parameters, plus attention scores (PaLM's appendix B):
+    12 L H Dh T per token for training, a third of it forward-only."""
+    D, F, L, H, G, Dh, V = args.dim, args.hidden_dim, args.n_layers, args.n_heads, args.n_kv_heads, args.head_dim, \
+        args.vocab_size
+    ffn = 3 * D * F * (args.moe.num_experts_per_tok if args.moe else 1) + (D * args.moe.num_experts if args.moe else 0)
+    params = L * (D * Dh * (2 * H + 2 * G) + ffn) + V * D
+    attn = 12 * L * H * Dh * seq_len
+    return 6 * params + attn if train else (2 * params + attn / 3)

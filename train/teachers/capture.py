@@ -1,0 +1,282 @@
+"""`capture`: run one teacher over the packed data once and write its top-k store (layout in
+train/teachers/store.py), resumable block by block; `capture(cfg)` is the CLI subcommand.
+
+Dimensions: B batch rows, T tokens per row, K teacher top-k, V vocabulary, S samples (packed sequences),
+R stored rows (loss tokens), N loss positions of one batch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from train import parallel
+from train.data import IGNORE
+from train.teachers.online import OnlineTeacher
+from train.teachers.signal import default_dtype
+from train.teachers.store import (FORMAT, LOGPROB_DTYPES, atomic_save_npy, atomic_write_json, read_json, shard_names,
+                                  storage_dtype, ids_dtype, tokenizer_sha256, weights_quick_hash, weights_sha256)
+
+
+def _loss_counts(labels_SL, samples: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """Loss positions per sample, read a few thousand sequences at a time (labels may be a 4 GB memmap)."""
+    out = np.zeros(len(samples), dtype=np.int64)
+    for s in range(0, len(samples), chunk):
+        out[s:s + chunk] = (np.asarray(labels_SL[samples[s:s + chunk]]) != IGNORE).sum(axis=1)
+    return out
+
+
+def _to_storage(ids_NK: torch.Tensor, logprobs_NK: torch.Tensor, id_dtype: np.dtype, lp_dtype: str):
+    """Device rows -> numpy rows in the stored dtypes. Host sync (the rows go to disk): once per batch."""
+    ids = ids_NK.to(torch.int32).cpu().numpy().astype(id_dtype)
+    if lp_dtype == "float16":
+        lp = logprobs_NK.to(torch.float16).cpu().numpy()
+    else:  # bf16 keeps fp32's range with 8 bits of mantissa; stored as its bit pattern
+        lp = logprobs_NK.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
+    return ids, lp
+
+
+def run_capture(teacher_path, packed_dataset, out_dir, k: int, batch_size: int, rank: int = 0, world_size: int = 1,
+                dtype: str | torch.dtype = "float16", teacher: str | None = None, tokenizer_path=None,
+                device=None, compute_dtype: torch.dtype | None = None, shard: bool = False,
+                block_samples: int = 64) -> dict:
+    """Run the teacher at `teacher_path` over `packed_dataset` and write (or finish) the store in `out_dir`.
+
+    dtype: stored log-probability dtype, "float16" (default; 11-bit mantissa, range to 65504: enough for
+    log-probabilities of top-k tokens) or "bfloat16". teacher: capture only the sequences of this teacher name
+    (phase 2); None = all. tokenizer_path: directory whose tokenizer files are hashed into the manifest (default:
+    the teacher directory, if it holds any). compute_dtype: the teacher's (bf16 on CUDA, fp32 on CPU).
+    shard: FSDP2-shard the teacher over the initialised process group (every rank runs every forward together).
+    Rank r takes the r-th, (r+W)-th, ... selected samples; each rank writes its own shard; the manifest is written
+    once every rank's part exists (by rank 0 after a barrier under torchrun, else by whichever call finishes
+    last). Returns (and prints on rank 0) throughput and bytes per token for this call.
+    """
+    t_start = time.perf_counter()
+    out_dir, teacher_path = Path(out_dir), Path(teacher_path)
+    lp_dtype = str(dtype).removeprefix("torch.")
+    if lp_dtype not in LOGPROB_DTYPES:
+        raise ValueError(f"dtype={dtype!r}: stored log-probabilities must be one of {LOGPROB_DTYPES}")
+    if k < 1 or batch_size < 1 or block_samples < 1:
+        raise ValueError(f"k={k}, batch_size={batch_size}, block_samples={block_samples}: each must be >= 1")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} with world_size={world_size}; fix: 0 <= rank < world_size")
+    cfg_file = teacher_path / "config.json"
+    if not cfg_file.exists():
+        raise ValueError(f"{cfg_file} not found; teacher_path must be an HF model directory")
+    config = json.loads(cfg_file.read_text())
+    V = int(config["vocab_size"])
+    if k > V:
+        raise ValueError(f"k={k} exceeds the teacher's vocab_size={V}")
+    device = torch.device(device) if device is not None else parallel.mesh_device()
+    compute_dtype = compute_dtype or default_dtype(device)
+    sharded = shard and parallel.is_distributed()
+
+    ds = packed_dataset
+    teacher_S = np.asarray(ds.teacher)
+    if teacher is None:
+        selected = np.arange(len(ds), dtype=np.int64)
+    else:
+        if teacher not in ds.teacher_names:
+            raise ValueError(f"teacher={teacher!r} is not one of the dataset's teachers {ds.teacher_names}")
+        selected = np.flatnonzero(teacher_S == ds.teacher_names.index(teacher)).astype(np.int64)
+    per_rank = [selected[r::world_size] for r in range(world_size)]
+    mine = per_rank[rank]
+    counts_S = _loss_counts(ds.labels, mine)
+    first_S = np.zeros(len(mine), dtype=np.int64)
+    np.cumsum(counts_S[:-1], out=first_S[1:])
+    R = int(counts_S.sum())
+    id_dtype, st_dtype = ids_dtype(V), storage_dtype(lp_dtype)
+
+    tok_dir = Path(tokenizer_path) if tokenizer_path is not None else teacher_path
+    settings = {
+        "format": FORMAT, "k": int(k), "vocab_size": V, "ids_dtype": id_dtype.name, "logprobs_dtype": lp_dtype,
+        "logprobs_storage": st_dtype.name, "compute_dtype": str(compute_dtype).removeprefix("torch."),
+        "dataset_fingerprint": ds.fingerprint, "seq_len": int(ds.seq_len), "pad_id": int(ds.pad_id),
+        "teacher_names": list(ds.teacher_names), "num_samples": int(len(ds)), "rows_of": teacher,
+        "world_size": int(world_size), "block_samples": int(block_samples), "batch_size": int(batch_size),
+        "tokenizer_sha256": tokenizer_sha256(tok_dir), "teacher_config": config,
+        "teacher_weights_quick": weights_quick_hash(teacher_path),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = shard_names(rank, world_size)
+    manifest = read_json(out_dir / "manifest.json")
+    if manifest is not None:
+        _check_same(settings, manifest, out_dir / "manifest.json")
+        return _report(rank, 0, 0, 0.0, manifest, out_dir)
+
+    part = read_json(out_dir / names["part"])
+    if part is not None:
+        _check_same(settings, part["settings"], out_dir / names["part"])
+    rank_done = part is not None
+    progress = read_json(out_dir / names["progress"])
+    if progress is not None:
+        _check_same(settings, progress["settings"], out_dir / names["progress"])
+    n_blocks_mine = math.ceil(len(mine) / block_samples)
+    blocks_done = progress["blocks_done"] if progress is not None else 0
+
+    partial = {n: out_dir / (names[n] + ".partial") for n in ("ids", "logprobs")}
+    arrays = None
+    if not rank_done and blocks_done < n_blocks_mine and R > 0:
+        if blocks_done == 0 or not all(p.exists() for p in partial.values()):
+            blocks_done = 0  # no usable partial arrays: start this rank over
+            arrays = {"ids": np.lib.format.open_memmap(partial["ids"], mode="w+", dtype=id_dtype, shape=(R, k)),
+                      "logprobs": np.lib.format.open_memmap(partial["logprobs"], mode="w+", dtype=st_dtype,
+                                                            shape=(R, k))}
+        else:
+            arrays = {n: np.load(p, mmap_mode="r+", allow_pickle=False) for n, p in partial.items()}
+            assert arrays["ids"].shape == (R, k), "partial array does not match the recomputed row count"
+
+    needs_teacher = sharded or (not rank_done and blocks_done < n_blocks_mine)
+    model = OnlineTeacher.load(teacher_path, k, device=device, dtype=compute_dtype, shard=shard) \
+        if needs_teacher else None
+
+    # Every rank walks the same number of blocks and batch slots (ranks' shares differ by at most one sample),
+    # so a sharded teacher's collectives line up; a slot without local work runs a 1-token dummy forward.
+    max_len = max(len(p) for p in per_rank)
+    n_blocks = math.ceil(max_len / block_samples)
+    t_compute, samples_done, rows_done = time.perf_counter(), 0, 0
+    for b in range(n_blocks):
+        lo, hi = b * block_samples, min((b + 1) * block_samples, len(mine))
+        need = not rank_done and b >= blocks_done and lo < hi
+        if sharded:
+            if not parallel.any_rank(need):
+                continue
+            slots = max(min(block_samples, len(p) - lo) for p in per_rank)
+        elif not need:
+            continue
+        else:
+            slots = hi - lo
+        for j in range(math.ceil(slots / batch_size)):
+            s_lo, s_hi = lo + j * batch_size, min(lo + (j + 1) * batch_size, hi)
+            if not need or s_lo >= s_hi:
+                model.dummy_step()
+                continue
+            idx_N, ids_NK, logprobs_NK = model.loss_topk(ds.batch(mine[s_lo:s_hi]))
+            ids, lp = _to_storage(ids_NK, logprobs_NK, id_dtype, lp_dtype)
+            r0, n = int(first_S[s_lo]), int(counts_S[s_lo:s_hi].sum())
+            if len(ids) != n:
+                raise RuntimeError(f"samples {mine[s_lo]}..{mine[s_hi - 1]}: the teacher returned {len(ids)} rows, "
+                                   f"the labels have {n} loss positions")
+            if n:
+                arrays["ids"][r0:r0 + n] = ids
+                arrays["logprobs"][r0:r0 + n] = lp
+            samples_done += s_hi - s_lo
+            rows_done += n
+        if need:
+            _commit_block(arrays, out_dir / names["progress"], settings, b + 1)
+    seconds = time.perf_counter() - t_compute
+
+    if not rank_done:
+        _finish_rank(out_dir, names, arrays, partial, settings, mine, first_S, counts_S, R, k, id_dtype, st_dtype)
+    del arrays
+    manifest = _maybe_write_manifest(out_dir, settings, world_size, rank, teacher_path)
+    report = _report(rank, samples_done * int(ds.seq_len), rows_done, seconds, manifest, out_dir)
+    report["wall_seconds"] = time.perf_counter() - t_start
+    if rank == 0:
+        print(f"capture rank 0: {report['tokens']} tokens ({report['loss_tokens']} loss tokens) in "
+              f"{seconds:.2f} s = {report['tokens_per_s']:.0f} tokens/s ({report['loss_tokens_per_s']:.0f} loss "
+              f"tokens/s); store: {report.get('bytes_per_token', float('nan')):.1f} bytes/token"
+              f"{'' if manifest else ' (manifest pending: other ranks still running)'}", flush=True)
+    return report
+
+
+def _check_same(settings: dict, found: dict, where: Path) -> None:
+    for key, value in settings.items():
+        if found.get(key) != value:
+            raise ValueError(f"{where} was written with {key}={found.get(key)!r}, this capture has {key}={value!r}; "
+                             f"fix: use the same setting, or another out_dir (or delete {where.parent})")
+
+
+def _commit_block(arrays, progress_path: Path, settings: dict, blocks_done: int) -> None:
+    """The block's rows reach the file before the progress that claims them (msync, then atomic rename)."""
+    if arrays is not None:
+        for a in arrays.values():
+            a.flush()
+    atomic_write_json(progress_path, {"settings": settings, "blocks_done": blocks_done})
+
+
+def _finish_rank(out_dir, names, arrays, partial, settings, mine, first_S, counts_S, R, k, id_dtype, st_dtype):
+    """Partial arrays -> final names, then the index, then the part file (the rank's commit)."""
+    if R == 0:
+        atomic_save_npy(out_dir / names["ids"], np.zeros((0, k), dtype=id_dtype))
+        atomic_save_npy(out_dir / names["logprobs"], np.zeros((0, k), dtype=st_dtype))
+    else:
+        if arrays is not None:
+            for a in arrays.values():
+                a.flush()
+        for n, p in partial.items():
+            if p.exists():  # absent only when a previous call renamed it and died before the part file
+                with open(p, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.replace(p, out_dir / names[n])
+    index_S3 = np.stack([mine, first_S, counts_S], axis=1).astype(np.int64).reshape(-1, 3)
+    atomic_save_npy(out_dir / names["index"], index_S3)
+    nbytes = {n: os.path.getsize(out_dir / names[n]) for n in ("ids", "logprobs", "index")}
+    atomic_write_json(out_dir / names["part"], {"settings": settings, "rows": R, "samples": len(mine),
+                                                 "files": {n: names[n] for n in nbytes}, "bytes": nbytes})
+    (out_dir / names["progress"]).unlink(missing_ok=True)
+
+
+def _maybe_write_manifest(out_dir: Path, settings: dict, world_size: int, rank: int, teacher_path: Path):
+    """Write manifest.json once every rank's part exists; returns it (None while parts are missing)."""
+    if parallel.is_distributed():
+        import torch.distributed as dist
+        dist.barrier()
+        if rank != 0:
+            return None
+    parts = [read_json(out_dir / shard_names(r, world_size)["part"]) for r in range(world_size)]
+    if any(p is None for p in parts):
+        return None
+    total_bytes = sum(sum(p["bytes"].values()) for p in parts)
+    rows = sum(p["rows"] for p in parts)
+    manifest = {
+        **settings,
+        "teacher": {"path": str(teacher_path), "weights": weights_sha256(teacher_path)},  # config: teacher_config
+        "shards": [{"rank": r, **p["files"], "rows": p["rows"], "samples": p["samples"], "bytes": p["bytes"]}
+                   for r, p in enumerate(parts)],
+        "rows": rows, "bytes": total_bytes,
+        "bytes_per_token": total_bytes / rows if rows else None,
+        "sample_assignment": "selected samples (ascending; all, or those of rows_of) s_0, s_1, ...: s_i -> rank i % W",
+    }
+    atomic_write_json(out_dir / "manifest.json", manifest)
+    return manifest
+
+
+def _report(rank, tokens, loss_tokens, seconds, manifest, out_dir) -> dict:
+    report = {"rank": rank, "out_dir": str(out_dir), "tokens": tokens, "loss_tokens": loss_tokens,
+              "seconds": seconds, "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+              "loss_tokens_per_s": loss_tokens / seconds if seconds > 0 else 0.0, "complete": manifest is not None}
+    if manifest is not None:
+        report.update(bytes=manifest["bytes"], rows=manifest["rows"], bytes_per_token=manifest["bytes_per_token"])
+    return report
+
+
+
+
+def capture(cfg) -> None:
+    """The `capture` subcommand: one teacher over the packed data, once; each rank writes its share."""
+    from train.config import ConfigError, torch_dtype
+    from train.data.prepare import build_packed
+    from train.preflight import read_model_args
+    (name, spec), = cfg.teachers.named.items()
+    read_model_args(spec.path, f"teachers.{name}.path")
+    c, d = cfg.capture, cfg.data
+    tok_dir = d.tokenizer or spec.path
+    if d.paths and not any((Path(tok_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        raise ConfigError(f"no tokenizer in {tok_dir!r}; set --data.tokenizer=<the student's tokenizer directory>")
+    env = parallel.init_distributed(cfg.run.device, cfg.parallel.timeout_s)
+    try:
+        cache = Path(d.cache_dir) if d.cache_dir else Path(c.out).with_name(Path(c.out).name + ".data")
+        packed = build_packed(d, tok_dir, ["reference", "domain"] if c.rows_of else None, cache, env)
+        dtype = torch_dtype(cfg.teachers.dtype)
+        run_capture(spec.path, packed, c.out, cfg.teachers.k, c.batch_size, rank=env.rank,
+                    world_size=env.world_size, dtype=c.logprobs_dtype, teacher=c.rows_of or None,
+                    tokenizer_path=tok_dir, device=env.device, compute_dtype=dtype, shard=spec.shard,
+                    block_samples=c.block_samples)
+    finally:
+        parallel.shutdown(env)
