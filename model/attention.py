@@ -82,11 +82,11 @@ class DocSpans:
     cu_seqlens_R: torch.Tensor  # int32 [R + 1]: document boundaries in the flattened B*T order (varlen's input)
     max_seqlen: int            # longest document (a host int: varlen's grid size)
 
-    def to(self, device, non_blocking: bool = False) -> "DocSpans":
+    def to(self, device, non_blocking: bool = False) -> DocSpans:
         return DocSpans(self.start_BT.to(device, non_blocking=non_blocking),
                         self.cu_seqlens_R.to(device, non_blocking=non_blocking), self.max_seqlen)
 
-    def pin_memory(self) -> "DocSpans":
+    def pin_memory(self) -> DocSpans:
         return DocSpans(self.start_BT.pin_memory(), self.cu_seqlens_R.pin_memory(), self.max_seqlen)
 
 
@@ -176,10 +176,8 @@ def block_tables(lo_BT: torch.Tensor, block: int = BLOCK):
     t_hi = torch.minimum(q_Qb[..., None], k1_K)
     valid_Qb = (q_Qb < T)[..., None]
     any_BQK = ((lo_hi <= t_hi) & valid_Qb).any(dim=2)
-    # full: every query of the tile inside T sees every key of a tile inside T
-    key_inside_K = k0_K + block - 1 < T
+    # full: every query of the tile is inside T and sees all of [k0, k0 + BS) (which is then inside T too)
     full_BQK = ((lo_BQb[..., None] <= k0_K) & (q_Qb[..., None] >= k0_K + block - 1) & valid_Qb).all(dim=2)
-    full_BQK = full_BQK & key_inside_K
     partial_BQK = any_BQK & ~full_BQK
 
     def ordered(dense_BQK):  # torch's layout: count, then the listed tiles first in ascending order

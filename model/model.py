@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from model.attention import Documents, DocSpans, attention_mask, doc_attention  # noqa: F401 (attention_mask: train/attn_loss.py)
+from model.attention import Documents, DocSpans, attention_mask, doc_attention
 
 
 @dataclass
