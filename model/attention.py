@@ -123,6 +123,18 @@ def doc_spans(doc_ids_BT: torch.Tensor) -> DocSpans:
     return DocSpans(start_BT, cu_R, int((cu_R[1:] - cu_R[:-1]).max()))
 
 
+def spans_to(doc_ids_BT: torch.Tensor | None, device) -> DocSpans | None:
+    """`doc_spans` of a CPU batch, copied to `device` (pinned, non-blocking on CUDA: the copy queues behind the
+    device's work instead of waiting for it). None when there are no ids or they are already off the host (the
+    model then derives what it needs on the device)."""
+    if doc_ids_BT is None or doc_ids_BT.device.type != "cpu":
+        return None
+    spans = doc_spans(doc_ids_BT)
+    if torch.device(device).type == "cuda":
+        return spans.pin_memory().to(device, non_blocking=True)
+    return spans.to(device)
+
+
 def device_starts(doc_ids_BT: torch.Tensor | None, B: int, T: int, device) -> torch.Tensor:
     """start_BT where no host spans were passed: from the doc ids on their device (no sync), or 0 (one
     document per row). Assumes what `doc_spans` checks (each id one run)."""

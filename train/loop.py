@@ -41,6 +41,7 @@ import torch.nn as nn
 
 import kernels
 from model import Transformer, capture_qk, load_hf, save_hf
+from model.attention import spans_to
 from model.hf import args_from_config
 from train import checkpoint as ckpt
 from train import parallel
@@ -154,14 +155,14 @@ class StudentWithLoss(nn.Module):
         self.student, self.loss, self.teacher_args = student, loss, teacher_args
 
     def forward(self, tokens_BT, labels_BT, positions_BT, doc_ids_BT, ids_BTK, logprobs_BTK, normalizer,
-                aux_scale: float, teacher_qk=None, check_ids: bool = False):
+                aux_scale: float, teacher_qk=None, check_ids: bool = False, doc_spans=None):
         """(loss to backpropagate, detached [loss, ce_sum, kd_sum, attn_sum, aux])."""
         s, lo = self.student, self.loss
         attn = teacher_qk is not None
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if tokens_BT.is_cuda
                     else contextlib.nullcontext())
         with autocast, (capture_qk(s) if attn else contextlib.nullcontext()) as student_qk:
-            hidden_BTD, aux = s.forward_with_aux(tokens_BT, positions_BT, doc_ids_BT)
+            hidden_BTD, aux = s.forward_with_aux(tokens_BT, positions_BT, doc_ids_BT, doc_spans=doc_spans)
         out = head_loss(hidden_BTD, s.output.weight, labels_BT, ids_BTK, logprobs_BTK, lo.tau, lo.kd_weight,
                         normalizer, check_ids)
         loss = out.loss
@@ -238,10 +239,11 @@ def teacher_signal(ctx: StepContext, batch):
 def forward_backward(ctx: StepContext, batch, normalizer, last: bool) -> torch.Tensor:
     """One micro-batch: teacher signal, student forward + fused loss, backward. Returns the detached stats."""
     ids_BTK, logprobs_BTK, teacher_qk = teacher_signal(ctx, batch)
+    spans = spans_to(batch.doc_ids_BT, ctx.env.device)  # document boundaries from the CPU ids: no device sync
     b = batch.to(ctx.env.device, non_blocking=True)
     with parallel.grad_sync(ctx.module, enabled=last):
         loss, stats = ctx.module(b.tokens_BT, b.labels_BT, b.positions_BT, b.doc_ids_BT, ids_BTK, logprobs_BTK,
-                                 normalizer, ctx.aux_scale, teacher_qk, ctx.check_ids)
+                                 normalizer, ctx.aux_scale, teacher_qk, ctx.check_ids, spans)
         (loss * ctx.env.world_size).backward()  # undo the ranks' gradient averaging (module doc)
     return stats
 

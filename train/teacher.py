@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from model import Transformer, load_hf
+from model.attention import spans_to
 from train.data import IGNORE as IGNORE_INDEX  # the data pipeline defines the no-loss label
 
 
@@ -165,7 +166,8 @@ class OnlineTeacher:
         tokens_BT = rows.tokens_BT.to(dev, non_blocking=True)
         positions_BT = rows.positions_BT.to(dev, non_blocking=True) if rows.positions_BT is not None else None
         doc_ids_BT = rows.doc_ids_BT.to(dev, non_blocking=True) if rows.doc_ids_BT is not None else None
-        hidden_BTD = self.model(tokens_BT, positions_BT, doc_ids_BT)
+        spans = spans_to(rows.doc_ids_BT, dev)  # document boundaries from the CPU ids: no device sync
+        hidden_BTD = self.model(tokens_BT, positions_BT, doc_ids_BT, doc_spans=spans)
         hidden_ND = hidden_BTD.reshape(-1, hidden_BTD.shape[-1]).index_select(0, idx_N.to(dev, non_blocking=True))
         head = self.model.output
         if self.sharded:
