@@ -12,7 +12,8 @@ GPU (--gpu: B=4, T=2048 and 4096, H=32, G=8, Dh=128, bf16): median ms, TFLOP/s c
 same-document pairs (4·Dh·H FLOPs a pair forward, 2.5x that backward; unpacked SDPA counts its own T(T+1)/2
 pairs a row), peak memory allocated beyond the inputs. CPU (default: B=2, T=1024, H=8, G=2, Dh=64, fp32,
 documents scaled to 50-750): time and peak-RSS-growth ratios to the SDPA causal row only, each variant in a
-fresh process; no absolute figures. Timings are reported, never asserted. Usage: .venv/bin/python bench/bench_attention.py [--gpu]
+fresh process; no absolute figures. Timings are reported, never asserted.
+Usage: .venv/bin/python bench/bench_attention.py [--gpu]
 """
 import argparse
 import json
