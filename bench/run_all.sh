@@ -4,10 +4,10 @@
 # GPU figures are missing; nothing is invented.
 #
 # Usage: [PYTHON=python3] [STAGE_TIMEOUT=s] bash bench/run_all.sh [STAGE ...]
-#   stages, in this order by default: compile tests routing kd_loss grouped_gemm sweep step
+#   stages, in this order by default: compile tests routing kd_loss attention grouped_gemm sweep step
 #     compile       bench/compile_sm90.py: registers, spills, shared memory of every kernel for sm_90 (no GPU)
-#     tests         tests/test_gpu_kernels.py + grouped GEMM's CUDA test, compiled (GPU only): bf16 vs fp32 references, no host sync, graph
-#     routing, kd_loss, grouped_gemm, step   bench/bench_<stage>.py
+#     tests         tests/test_gpu_kernels.py + test_gpu_attention.py + grouped GEMM's CUDA test, compiled (GPU only): bf16 vs fp32 references, no host sync, graph
+#     routing, kd_loss, attention, grouped_gemm, step   bench/bench_<stage>.py
 #     sweep         bench/bench_grouped_gemm.py --sweep (GPU): candidate block sizes against the dense matmul
 #   STAGE_TIMEOUT bounds each stage (default 1800 s); a stage that runs out says so and the next one starts.
 #   Where $OUT is set (the device machine), the section is also written to $OUT/RESULTS.section.md, since
@@ -15,6 +15,7 @@
 #
 # On a lent H200 (one `run` is at most 600 s, 30 min of device time per session), two calls cover the kernels:
 #   COMMIT=<hash> PYTHON=python3 STAGE_TIMEOUT=280 bash bench/run_all.sh compile tests routing kd_loss
+#   COMMIT=<hash> PYTHON=python3 STAGE_TIMEOUT=280 bash bench/run_all.sh attention   (bench_attention.py: its own call)
 #   COMMIT=<hash> PYTHON=python3 STAGE_TIMEOUT=270 bash bench/run_all.sh grouped_gemm sweep
 # then append each $OUT/RESULTS.section.md to bench/RESULTS.md here and commit it. `step --scale gpu` writes
 # ~40 GB of random HF weights first: a call of its own, if the lease has time left.
@@ -24,10 +25,10 @@ PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || command -v "$PY" >/dev/null || PY=python3
 LIMIT=${STAGE_TIMEOUT:-1800}
 STAGES=("$@")
-[ ${#STAGES[@]} -gt 0 ] || STAGES=(compile tests routing kd_loss grouped_gemm sweep step)
+[ ${#STAGES[@]} -gt 0 ] || STAGES=(compile tests routing kd_loss attention grouped_gemm sweep step)
 for s in "${STAGES[@]}"; do
-  case $s in compile|tests|routing|kd_loss|grouped_gemm|sweep|step) ;;
-    *) echo "unknown stage '$s': choose from compile tests routing kd_loss grouped_gemm sweep step" >&2; exit 2 ;;
+  case $s in compile|tests|routing|kd_loss|attention|grouped_gemm|sweep|step) ;;
+    *) echo "unknown stage '$s': choose from compile tests routing kd_loss attention grouped_gemm sweep step" >&2; exit 2 ;;
   esac
 done
 RESULTS=bench/RESULTS.md
@@ -78,7 +79,7 @@ PYEOF
         if [ $has_cuda = 1 ]; then
           stage "GPU kernel tests (tests/test_gpu_kernels.py: bf16 vs fp32 references, no host sync, CUDA graph)" \
             env TRITON_INTERPRET=0 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py \
-            tests/test_grouped_gemm.py::test_cuda_matches_ref_without_host_sync
+            tests/test_gpu_attention.py tests/test_grouped_gemm.py::test_cuda_matches_ref_without_host_sync
         else
           printf '\n### GPU kernel tests (tests/test_gpu_kernels.py)\n\n```\nskipped: no CUDA device (GPU figures missing)\n```\n'
         fi ;;

@@ -6,7 +6,8 @@ V vocabulary.
 
 Packing: several documents may share one row. `positions_BT` restart at 0 per document (rotary phases are those
 each document would have alone) and `doc_ids_BT` keeps attention inside a document, so a packed row gives each
-document exactly its unpacked hidden states. Parameters follow HF's layout (rotate-half rotary, q/k not
+document exactly its unpacked hidden states. model/attention.py runs that document-causal attention without a
+T x T mask on CUDA (varlen or FlexAttention; the dense-mask twin on the CPU). Parameters follow HF's layout (rotate-half rotary, q/k not
 permuted), so `model/hf.py` only renames and stacks experts.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+from model.attention import Documents, DocSpans, attention_mask, doc_attention
 
 
 @dataclass
@@ -85,19 +87,6 @@ def apply_rotary(x_BHTDh, cos, sin):
     return (x_BHTDh.float() * cos + rotated.float() * sin).to(x_BHTDh.dtype)
 
 
-def attention_mask(q_doc_BT, k_doc_BS, q_idx_T, k_idx_S, sliding_window: int | None):
-    """Boolean [B, 1, T, S], True = may attend: causal, same document, and (Mistral) key within the window.
-
-    The window follows HF: query i sees key j iff i - window < j <= i. Indices are row offsets, which inside one
-    packed document differ exactly as positions do. Every query sees at least itself, so no row is all-masked.
-    """
-    allowed_TS = k_idx_S[None, :] <= q_idx_T[:, None]
-    if sliding_window is not None:
-        allowed_TS = allowed_TS & (k_idx_S[None, :] > q_idx_T[:, None] - sliding_window)
-    same_doc_BTS = q_doc_BT[:, :, None] == k_doc_BS[:, None, :]
-    return (allowed_TS[None] & same_doc_BTS)[:, None]
-
-
 @dataclass
 class KVCache:
     """Pre-allocated keys/values for greedy decoding (model/generate.py). `length` is a host int: decoding is a
@@ -125,7 +114,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.capture: list | None = None  # set by `capture_qk`: post-rotary (q, k) for the attention-transfer loss
 
-    def forward(self, x_BTD, cos, sin, mask_B1TS, cache: KVCache | None):
+    def forward(self, x_BTD, cos, sin, docs: Documents | None, cache: KVCache | None):
         B, T, _ = x_BTD.shape
         a = self.args
         q = self.wq(x_BTD).view(B, T, a.n_heads, a.head_dim).transpose(1, 2)
@@ -139,10 +128,8 @@ class Attention(nn.Module):
             cache.k[self.layer_id][:, :, s0:s0 + T] = k
             cache.v[self.layer_id][:, :, s0:s0 + T] = v
             k, v = cache.k[self.layer_id][:, :, :s0 + T], cache.v[self.layer_id][:, :, :s0 + T]
-        # mask None = plain causal: SDPA then takes its fused flash path on CUDA.
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_B1TS, is_causal=mask_B1TS is None,
-                                           enable_gqa=a.n_heads != a.n_kv_heads)
-        return self.wo(o.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim))
+        o_BTHDh = doc_attention(q, k, v, docs)  # model/attention.py: varlen / FlexAttention / dense twin
+        return self.wo(o_BTHDh.reshape(B, T, a.n_heads * a.head_dim))
 
 
 class FeedForward(nn.Module):
@@ -195,8 +182,8 @@ class TransformerBlock(nn.Module):
         self.feed_forward = (FeedForward(args.dim, args.hidden_dim) if args.moe is None
                              else MoEFeedForward(args.dim, args.hidden_dim, args.moe))
 
-    def forward(self, x, cos, sin, mask, cache):
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, docs, cache):
+        h = x + self.attention(self.attention_norm(x), cos, sin, docs, cache)
         out = self.feed_forward(self.ffn_norm(h))
         if isinstance(out, tuple):
             return h + out[0], out[1]
@@ -225,14 +212,20 @@ class Transformer(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=generator) * s)
         return self
 
-    def forward(self, tokens_BT, positions_BT=None, doc_ids_BT=None, cache: KVCache | None = None):
+    def forward(self, tokens_BT, positions_BT=None, doc_ids_BT=None, cache: KVCache | None = None,
+                doc_spans: DocSpans | None = None):
         """Final-norm hidden states [B, T, D]; `logits` turns them into [.., V] (the trainer never does that for
         the whole batch: kernels/kd_loss.py fuses the head into the loss)."""
-        return self.forward_with_aux(tokens_BT, positions_BT, doc_ids_BT, cache)[0]
+        return self.forward_with_aux(tokens_BT, positions_BT, doc_ids_BT, cache, doc_spans)[0]
 
-    def forward_with_aux(self, tokens_BT, positions_BT=None, doc_ids_BT=None, cache: KVCache | None = None):
+    def forward_with_aux(self, tokens_BT, positions_BT=None, doc_ids_BT=None, cache: KVCache | None = None,
+                         doc_spans: DocSpans | None = None):
         """(hidden [B, T, D], aux): aux is Mixtral's load-balancing loss (unscaled, as HF's `aux_loss`), a zero
-        scalar for a dense model."""
+        scalar for a dense model.
+
+        `doc_spans`: `model.attention.doc_spans(doc_ids_BT)` built on the host from the CPU ids and moved with the
+        batch; it lets CUDA take the varlen path. Without it CUDA derives what FlexAttention needs from doc_ids_BT
+        on the device (no sync); the CPU runs the dense twin either way (model/attention.py)."""
         B, T = tokens_BT.shape
         dev = tokens_BT.device
         s0 = cache.length if cache is not None else 0
@@ -243,22 +236,20 @@ class Transformer(nn.Module):
         window = self.args.sliding_window
         if window is not None and window >= s0 + T:
             window = None  # every key is inside the window
-        if cache is None and doc_ids_BT is None and window is None:
-            mask = None
-        else:
+        if cache is None:  # training / scoring: one pattern for all layers; None = plain causal (flash on CUDA)
+            docs = None if doc_ids_BT is None and window is None else Documents(doc_ids_BT, window, doc_spans)
+        else:  # decoding: T new queries against all s0 + T cached keys, a small dense [B, 1, T, s0 + T] mask
             doc_BT = doc_ids_BT if doc_ids_BT is not None else torch.zeros(B, T, dtype=torch.long, device=dev)
-            q_idx = torch.arange(s0, s0 + T, device=dev)
-            k_doc_BS, k_idx = doc_BT, q_idx
-            if cache is not None:  # keys: everything cached so far, this step's included
-                cache.doc_BS[:, s0:s0 + T] = doc_BT
-                k_doc_BS, k_idx = cache.doc_BS[:, :s0 + T], torch.arange(s0 + T, device=dev)
-            mask = attention_mask(doc_BT, k_doc_BS, q_idx, k_idx, window)
+            cache.doc_BS[:, s0:s0 + T] = doc_BT
+            mask = attention_mask(doc_BT, cache.doc_BS[:, :s0 + T], torch.arange(s0, s0 + T, device=dev),
+                                  torch.arange(s0 + T, device=dev), window)
+            docs = Documents(doc_BT, window, mask_B1TS=mask)
 
         h = self.tok_embeddings(tokens_BT)
         counts_E = probs_E = None
         rows = 0
         for layer in self.layers:
-            h, stats = layer(h, cos, sin, mask, cache)
+            h, stats = layer(h, cos, sin, docs, cache)
             if stats is not None:
                 counts_E = stats[0] if counts_E is None else counts_E + stats[0]
                 probs_E = stats[1] if probs_E is None else probs_E + stats[1]

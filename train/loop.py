@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from model import Transformer, capture_qk, load_hf
+from model.attention import spans_to
 from train import checkpoint as ckpt
 from train import parallel
 from train.config import Config, ConfigError, torch_dtype, write_resolved
@@ -98,10 +99,11 @@ def teacher_signal(ctx: StepContext, batch):
 def forward_backward(ctx: StepContext, batch, normalizer, last: bool) -> LossStats:
     """One micro-batch: teacher signal, student forward + fused loss, backward. Returns the detached stats."""
     ids_BTK, logprobs_BTK, teacher_qk = teacher_signal(ctx, batch)
+    spans = spans_to(batch.doc_ids_BT, ctx.env.device)  # document boundaries from the CPU ids: no device sync
     b = batch.to(ctx.env.device, non_blocking=True)
     with parallel.grad_sync(ctx.module, enabled=last):
         loss, stats = ctx.module(b.tokens_BT, b.labels_BT, b.positions_BT, b.doc_ids_BT, ids_BTK, logprobs_BTK,
-                                 normalizer, ctx.aux_scale, teacher_qk, ctx.check_ids)
+                                 normalizer, ctx.aux_scale, teacher_qk, ctx.check_ids, spans)
         (loss * ctx.env.world_size).backward()  # undo the ranks' gradient averaging (module doc)
     return stats
 

@@ -67,7 +67,8 @@ class StudentWithLoss(nn.Module):
         self.student, self.loss, self.teacher_args = student, loss, teacher_args
 
     def forward(self, tokens_BT, labels_BT, positions_BT, doc_ids_BT, ids_BTK, logprobs_BTK, normalizer,
-                aux_scale: float, teacher_qk=None, check_ids: bool = False) -> tuple[torch.Tensor, LossStats]:
+                aux_scale: float, teacher_qk=None, check_ids: bool = False,
+                doc_spans=None) -> tuple[torch.Tensor, LossStats]:
         """(loss to backpropagate, its detached LossStats). The LM head + CE + top-k KD run fused and chunked in
         `kernels.linear_topk_kd_loss` (which picks Triton or torch itself); on CUDA the head runs in bf16, as
         autocast would run an nn.Linear, but outside autocast, because the loss picks its own precisions (fp32
@@ -77,7 +78,7 @@ class StudentWithLoss(nn.Module):
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if tokens_BT.is_cuda
                     else contextlib.nullcontext())
         with autocast, (capture_qk(s) if attn else contextlib.nullcontext()) as student_qk:
-            hidden_BTD, aux = s.forward_with_aux(tokens_BT, positions_BT, doc_ids_BT)
+            hidden_BTD, aux = s.forward_with_aux(tokens_BT, positions_BT, doc_ids_BT, doc_spans=doc_spans)
         hidden_ND, weight_VD = hidden_BTD.reshape(-1, hidden_BTD.shape[-1]), s.output.weight
         N, K = hidden_ND.shape[0], ids_BTK.shape[-1]  # K = 0 for sft
         if hidden_ND.is_cuda:

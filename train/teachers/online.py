@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from model import Transformer, load_hf
+from model.attention import spans_to
 from train import parallel
 from train.data import IGNORE
 from train.teachers.signal import Rows, TopK, default_dtype, dense_topk, loss_positions, select_rows, topk_logprobs
@@ -71,7 +72,8 @@ class OnlineTeacher:
         tokens_BT = rows.tokens_BT.to(dev, non_blocking=True)
         positions_BT = rows.positions_BT.to(dev, non_blocking=True) if rows.positions_BT is not None else None
         doc_ids_BT = rows.doc_ids_BT.to(dev, non_blocking=True) if rows.doc_ids_BT is not None else None
-        hidden_BTD = self.model(tokens_BT, positions_BT, doc_ids_BT)
+        spans = spans_to(rows.doc_ids_BT, dev)  # document boundaries from the CPU ids: no device sync
+        hidden_BTD = self.model(tokens_BT, positions_BT, doc_ids_BT, doc_spans=spans)
         hidden_ND = hidden_BTD.reshape(-1, hidden_BTD.shape[-1]).index_select(0, idx_N.to(dev, non_blocking=True))
         head = self.model.output
         if self.sharded:
