@@ -46,6 +46,21 @@ _EXPERT_RE = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)
 
 
 def args_from_config(cfg: dict, where: str = "config.json") -> ModelArgs:
+    """Our ModelArgs from an HF config dict; ValueError naming `where` and the key for anything unusable."""
+    try:
+        return _args_from_config(cfg, where)
+    except KeyError as e:
+        raise ValueError(f"{where}: missing key {e.args[0]!r}; config.json is incomplete (copy it again from the "
+                         "model's source)") from None
+
+
+def _args_from_config(cfg: dict, where: str) -> ModelArgs:
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{where}: holds a JSON {type(cfg).__name__}, not an object; fix the file")
+    if cfg.get("auto_map"):
+        raise ValueError(f"{where}: auto_map asks for the model's own Python code ({sorted(cfg['auto_map'])}); this "
+                         "trainer never runs remote code: use a standard MistralForCausalLM / MixtralForCausalLM "
+                         "checkpoint")
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED:
         raise ValueError(f"{where}: model_type={model_type!r} is not supported; this trainer reads "
@@ -116,10 +131,25 @@ def _shard_files(path: Path) -> dict[str, Path]:
         return {name: files[f] for name, f in weight_map.items()}
     single = path / "model.safetensors"
     if not single.exists():
+        pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
+        if pickles:
+            raise ValueError(f"{path} holds pickle weights ({pickles[0]}), which are never loaded (a pickle can run "
+                             "code); convert them once to safetensors, e.g. with transformers: "
+                             "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)")
         raise ValueError(f"{path} has neither model.safetensors nor model.safetensors.index.json; point to an HF "
-                         "directory saved with safe_serialization (pickle .bin checkpoints are refused)")
-    with safe_open(single, "pt") as f:
-        return {name: single for name in f.keys()}
+                         "directory saved with safe_serialization")
+    return {name: single for name in _header(single)}
+
+
+def _header(f: Path) -> dict[str, tuple]:
+    """Tensor name -> shape from a safetensors file's header alone (no weight is read); a truncated or foreign
+    file is a ValueError naming it."""
+    try:
+        with safe_open(f, "pt") as h:
+            return {name: tuple(h.get_slice(name).get_shape()) for name in h.keys()}
+    except Exception as e:  # safetensors' SafetensorError does not name the file
+        raise ValueError(f"{f}: not a readable safetensors file ({e}); it is truncated or not safetensors: copy "
+                         "it again") from None
 
 
 def load_hf(path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Transformer:
@@ -147,6 +177,17 @@ def load_hf(path, dtype: torch.dtype = torch.float32, device: str | torch.device
         raise ValueError(f"{path}: missing tensor(s) {missing[:5]} (of {len(missing)}); the checkpoint is "
                          "incomplete or config.json describes another model")
 
+    for f in sorted(set(located.values())):  # every shard's header: readable, names and shapes as implied
+        header = _header(f)
+        absent = sorted(n for n, g in located.items() if g == f and n not in header)
+        if absent:
+            raise ValueError(f"{f}: the index places {absent[:3]} (of {len(absent)}) in this shard, its header does "
+                             "not hold them; the shard and the index disagree: copy the directory again")
+        for name, shape in header.items():
+            if name in shapes and shape != shapes[name]:
+                raise ValueError(f"{f}: tensor {name} has shape {shape} but config.json implies {shapes[name]}; "
+                                 "config.json and the weights disagree")
+
     if torch.device(device).type == "meta":
         return model.to(dtype)
 
@@ -169,6 +210,11 @@ def load_hf(path, dtype: torch.dtype = torch.float32, device: str | torch.device
                     raise ValueError(f"{f.name}: tensor {name} has shape {tuple(t.shape)} but config.json implies "
                                      f"{shapes[name]}; config.json and the weights disagree")
                 t = t.to(device=device, dtype=dtype)
+                # Checked where the tensor lands (on the GPU for a GPU load: a host scan of a 93 GB teacher would
+                # cost minutes); one host sync per tensor, at load time only.
+                if not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"{f}: tensor {name} holds NaN or Inf values; the checkpoint is corrupt (or was "
+                                     "saved from a diverged run): use an earlier one")
                 m = _EXPERT_RE.fullmatch(name)
                 if m is None:
                     state[names[name]] = t
@@ -214,6 +260,10 @@ def save_hf(model: Transformer, path, max_shard_size="5GB") -> Path:
     limit = _parse_size(max_shard_size)
     tensors = hf_state_dict(model)
     dtype = next(iter(tensors.values())).dtype
+    for name, t in tensors.items():  # never write a model that cannot be loaded back (load_hf refuses NaN/Inf)
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"refusing to save {path}: tensor {name} holds NaN or Inf values (the run diverged); "
+                             "export an earlier checkpoint")
 
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0

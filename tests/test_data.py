@@ -294,7 +294,7 @@ def test_pack_truncation_and_drops(tok):
     with pytest.warns(UserWarning) as record:
         packed = D.pack(tds, seq_len=L, teacher_names=["reference"])
     text = " ".join(str(w.message) for w in record)
-    assert "2 documents longer than seq_len=24 were truncated" in text and "dropped 1 documents" in text
+    assert "2 of 3 documents were longer than seq_len=24" in text and "dropped 1 documents" in text
     st = packed.stats
     assert st["truncated_docs"] == 2 and st["dropped_docs_no_loss"] == 1 and st["docs"] == 2
     assert st["truncated_tokens"] == sum(len(x) - L for x in tds["input_ids"][1:])

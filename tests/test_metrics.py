@@ -17,6 +17,8 @@ def test_tensorboard_scalars_equal_metrics_jsonl(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     out = Output(tmp_path, active=True, every=2, progress=False, total=6, start=0, tensorboard=True)
+    assert list(tmp_path.iterdir()) == []  # construction writes nothing (a run that fails while loading leaves no file)
+    out.open_files()
     for i in range(6):
         out.step(i + 1, _rec(i))
     out.close(plot=False)
@@ -37,6 +39,7 @@ def test_tensorboard_scalars_equal_metrics_jsonl(tmp_path):
 
 def test_tensorboard_off_writes_nothing(tmp_path):
     out = Output(tmp_path, active=True, every=1, progress=False, total=1, start=0)
+    out.open_files()
     out.step(1, _rec(0))
     out.close(plot=False)
     assert not (tmp_path / "tensorboard").exists()
@@ -52,5 +55,6 @@ def test_tensorboard_missing_package_is_a_clear_error(tmp_path, monkeypatch):
             raise ImportError("No module named 'tensorboard'")
         return real_import(name, *a, **k)
     monkeypatch.setattr(builtins, "__import__", no_tb)
+    out = Output(tmp_path, active=True, every=1, progress=False, total=1, start=0, tensorboard=True)
     with pytest.raises(ImportError, match="pip install tensorboard"):
-        Output(tmp_path, active=True, every=1, progress=False, total=1, start=0, tensorboard=True)
+        out.open_files()

@@ -299,3 +299,35 @@ def test_fsdp_sharded_teacher_and_capture_under_torchrun(tmp_path, teacher, pack
     ref, got = _store_bytes(reference_store[0]), _store_bytes(out)
     assert sorted(got) == sorted(ref)
     assert all(got[n] == ref[n] for n in ref if n.endswith(".npy"))
+
+
+_KILL_IN_WRITE_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    from train.data import PackedDataset
+    from train.teachers.capture import run_capture
+    teacher, data, out, kill_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    real, calls = os.replace, []
+    def replace(src, dst):
+        calls.append(1)
+        if len(calls) == kill_at:  # the temporary is written and fsynced, the rename has not happened
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(src, dst)
+    os.replace = replace
+    run_capture(teacher, PackedDataset.load(data), out, k=%d, batch_size=3, block_samples=6)
+""" % K)
+
+
+# os.replace calls: 1-4 progress of blocks 1-4, 5-6 the partial arrays (no temporary), 7 index, 8 part, 9 manifest
+@pytest.mark.parametrize("kill_at", [1, pytest.param(4, marks=pytest.mark.slow),
+                                     pytest.param(7, marks=pytest.mark.slow), 9])
+def test_capture_killed_inside_a_write_resumes_without_stray_files(tmp_path, teacher, packed, kill_at):
+    data, out, ref = tmp_path / "data", tmp_path / "store", tmp_path / "ref"
+    packed.save(data)
+    run_capture(teacher, packed, ref, k=K, batch_size=3, block_samples=6)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", _KILL_IN_WRITE_SCRIPT, str(teacher), str(data), str(out),
+                           str(kill_at)], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert any(f.name.startswith(".") and ".tmp-" in f.name for f in out.iterdir())  # the kill left a temporary
+    run_capture(teacher, packed, out, k=K, batch_size=3, block_samples=6)
+    assert _store_bytes(out) == _store_bytes(ref)  # same files (no `.<name>.tmp-<pid>` left), same bytes

@@ -116,9 +116,31 @@ def complete_checkpoints(run_dir) -> list[Path]:
     return sorted(found, key=step_of)
 
 
-def latest(run_dir) -> Path | None:
-    found = complete_checkpoints(run_dir)
-    return found[-1] if found else None
+def damage(path: Path) -> str | None:
+    """Why a checkpoint that looks complete cannot be loaded, or None: its trainer state must parse and every
+    file listed in it at save time must be there with its size (a lost or truncated shard, a partial copy)."""
+    try:
+        state = json.loads((Path(path) / STATE_FILE).read_text())
+    except (OSError, ValueError) as e:
+        return f"{STATE_FILE} unreadable ({e})"
+    for name, size in state.get("files", {}).items():  # checkpoints older than this check list no files
+        f = Path(path) / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} were saved"
+    return None
+
+
+def latest(run_dir, note=None) -> Path | None:
+    """The newest complete, undamaged checkpoint; a damaged newer one is skipped and reported through `note`."""
+    for p in reversed(complete_checkpoints(run_dir)):
+        why = damage(p)
+        if why is None:
+            return p
+        if note is not None:
+            note(f"checkpoint {p} is damaged ({why}); falling back to the previous complete checkpoint")
+    return None
 
 
 def _fsync_tree(path: Path) -> None:
@@ -164,7 +186,8 @@ def save(run_dir, step: int, module, optimizer, trainer_state: dict, rank_state:
     barrier(env)
     if env.is_main:
         state = {**trainer_state, "step": step, "world_size": env.world_size,
-                 "param_groups": _json_groups(osd["param_groups"])}
+                 "param_groups": _json_groups(osd["param_groups"]),
+                 "files": {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()}}
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
         _fsync_tree(tmp)
         if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)

@@ -25,11 +25,11 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from train.errors import ConfigError  # re-exported: train.config.ConfigError
+
 SUBCOMMANDS = ("kd", "dae", "sft", "capture", "upcycle", "export")
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the key and the fix (the CLI prints it, no trace)."""
 
 
 def _f(default, help: str, example=None):

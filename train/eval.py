@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from model.generate import generate
 from train.data import IGNORE
+from train.errors import ModelDirError
 
 DOMAIN_TEACHER = "domain"
 
@@ -285,7 +286,7 @@ def format_table(names: list, results: dict, columns: list, spread: dict | None 
 def _load_tokenizer(path: Path):
     from transformers import AutoTokenizer
     if not (path / "tokenizer.json").exists() and not (path / "tokenizer_config.json").exists():
-        raise ValueError(f"{path}: no tokenizer files; fix: pass --tokenizer DIR (the demo writes it to "
+        raise ModelDirError(f"{path}: no tokenizer files; fix: pass --tokenizer DIR (the demo writes it to "
                          "runs/demo/data/tokenizer)")
     return AutoTokenizer.from_pretrained(str(path))
 
@@ -306,20 +307,27 @@ def main(argv=None) -> dict:
 
     from model import load_hf
     from train.data import load_rows
+    from train.errors import DataError, reraise_as
+    from train.preflight import check_model_dir
 
-    for path in [a.model, a.teacher, a.baseline]:
-        if path is not None and not (path / "config.json").exists():
-            raise ValueError(f"{path}: no config.json, not an HF model directory; fix: pass e.g. a run's final/")
+    for flag, path in (("--model", a.model), ("--teacher", a.teacher), ("--baseline", a.baseline)):
+        if path is not None:
+            check_model_dir(str(path), flag)
     tokenizer = _load_tokenizer(a.tokenizer or a.model)
-    rows = load_rows(a.data)
-    if a.limit:
-        rows = rows.select(range(min(a.limit, len(rows))))
-    es = build_eval_set(rows, tokenizer)
-    teacher = load_hf(a.teacher) if a.teacher else None
-    ev = evaluate_model(load_hf(a.model), es, tokenizer, teacher, a.batch_size)
+    with reraise_as(DataError):
+        rows = load_rows(a.data)
+        if a.limit:
+            rows = rows.select(range(min(a.limit, len(rows))))
+        es = build_eval_set(rows, tokenizer)
+
+    def load(path):
+        with reraise_as(ModelDirError, f"{path}: "):
+            return load_hf(path)
+    teacher = load(a.teacher) if a.teacher else None
+    ev = evaluate_model(load(a.model), es, tokenizer, teacher, a.batch_size)
     names, results = ["model"], {"model": ev.metrics}
     if a.baseline is not None:
-        base = evaluate_model(load_hf(a.baseline), es, tokenizer, teacher, a.batch_size)
+        base = evaluate_model(load(a.baseline), es, tokenizer, teacher, a.batch_size)
         ev.metrics["win_rate"] = with_win_rate(ev, base)
         base.metrics["win_rate"] = 0.5
         names.append("baseline")

@@ -14,6 +14,7 @@ import model as M
 from train import checkpoint as ckpt
 from train import parallel
 from train.config import torch_dtype
+from train.errors import CheckpointError, ConfigError, ModelDirError, reraise_as
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja")
@@ -52,17 +53,23 @@ def export(cfg) -> None:
     from train.loss import LossSettings, StudentWithLoss
     from train.preflight import read_model_args
     path = Path(cfg.export.checkpoint)
+    if not path.exists():
+        raise CheckpointError(f"export.checkpoint={str(path)!r} not found (cwd {Path.cwd()}); give a run_dir/step-N "
+                              "directory or a run directory")
     if not (path / ckpt.STATE_FILE).exists():
-        newest = ckpt.latest(path)
+        newest = ckpt.latest(path, note=print)
         if newest is None:
-            raise SystemExit(f"export: {path} is neither a complete step-N/ checkpoint nor a run directory that "
-                             f"holds one")
+            raise CheckpointError(f"export.checkpoint={str(path)!r} is neither a complete step-N/ checkpoint nor a "
+                                  "run directory that holds one")
         path = newest
+    why = ckpt.damage(path)
+    if why is not None:
+        raise CheckpointError(f"export.checkpoint={str(path)!r} is damaged ({why}); export an earlier step-N/")
     run_cfg = json.loads((path.parent / "config.json").read_text()) if (path.parent / "config.json").exists() else {}
     model_path = cfg.model.path or run_cfg.get("model", {}).get("path", "")
     if not model_path:
-        raise SystemExit("export: set --model.path=<the student's HF directory the run started from> (its "
-                         "config.json gives the architecture)")
+        raise ConfigError("export: set --model.path=<the student's HF directory the run started from> (its "
+                          "config.json gives the architecture)")
     args = read_model_args(model_path, "model.path")
     with torch.device("meta"):
         student = M.Transformer(args)
@@ -71,15 +78,19 @@ def export(cfg) -> None:
     ckpt.load_model_only(path, module)
     student = student.to(torch_dtype(cfg.export.dtype))
     out = Path(cfg.export.out) if cfg.export.out else path.parent / f"export-{path.name}"
-    M.save_hf(student, out)
+    with reraise_as(CheckpointError, f"export of {path}: "):
+        M.save_hf(student, out)  # refuses NaN/Inf weights (a diverged run), writing nothing
     copy_tokenizer(run_cfg.get("data", {}).get("tokenizer") or model_path, out)
     print(f"exported {path} -> {out}")
 
 
 def upcycle(cfg) -> None:
     """The `upcycle` subcommand: a dense student -> an MoE student whose experts are copies of its FFN."""
+    from train.preflight import check_model_dir
     u = cfg.upcycle
-    dense = M.load_hf(cfg.model.path, dtype=torch_dtype(cfg.model.dtype))
+    check_model_dir(cfg.model.path, "model.path")
+    with reraise_as(ModelDirError, "model.path: "):
+        dense = M.load_hf(cfg.model.path, dtype=torch_dtype(cfg.model.dtype))
     moe = M.upcycle(dense, u.num_experts, u.top_k, router_std=u.router_std, aux_loss_coef=u.aux_loss_coef,
                     seed=u.seed)
     out = M.save_hf(moe, u.out)

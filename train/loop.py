@@ -38,7 +38,8 @@ from model import Transformer, capture_qk, load_hf
 from model.attention import spans_to
 from train import checkpoint as ckpt
 from train import parallel
-from train.config import Config, ConfigError, torch_dtype, write_resolved
+from train.config import Config, torch_dtype, write_resolved
+from train.errors import CheckpointError, ConfigError, DataError, DivergedError, ModelDirError, reraise_as
 from train.data import IGNORE
 from train.data.prepare import build_packed
 from train.export import export_student
@@ -257,12 +258,13 @@ def run(cfg: Config) -> Path:
 def _run(cfg: Config, env: parallel.Env, shapes: dict) -> Path:
     strategy = parallel.resolve_strategy(cfg.parallel.strategy, env)
     run_dir = resolve_run_dir(cfg, env)
-    resume_from = _resume_point(cfg, run_dir)
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_resolved(cfg, run_dir)
-    parallel.barrier(env)
-    ckpt.remove_partial(run_dir, env)
+    resume_from = _resume_point(cfg, run_dir, note=print if env.is_main else None)
+    global_batch = cfg.data.micro_batch * cfg.data.grad_accum * env.world_size
+    if resume_from:
+        saved = json.loads((resume_from / ckpt.STATE_FILE).read_text())["sampler"]["global_batch"]
+        if saved != global_batch:  # checked before anything is written: a refused resume changes no file
+            raise ConfigError(f"{resume_from} was trained with a global batch of {saved} sequences, this run has "
+                              f"{global_batch} (micro_batch x grad_accum x ranks); resume with the same global batch")
     seed_everything(cfg.run.seed)
     start = ckpt.step_of(resume_from) if resume_from else 0
     out = Output(run_dir, env.is_main, cfg.logging.every, cfg.logging.progress, cfg.schedule.steps, start,
@@ -270,11 +272,14 @@ def _run(cfg: Config, env: parallel.Env, shapes: dict) -> Path:
     out.info(f"{cfg.subcommand}: run dir {run_dir}, {env.world_size} process(es) on {env.device.type}, "
              f"strategy {strategy}" + (f", resuming from {resume_from}" if resume_from else ""))
 
-    packed, sampler = build_data(cfg, run_dir, env, out)
-    teachers = build_teachers(cfg, packed, env)
+    with reraise_as(DataError):
+        packed, sampler = build_data(cfg, run_dir, env, out)
+    with reraise_as(ModelDirError, "teachers: "):  # a store's or an online teacher's directory
+        teachers = build_teachers(cfg, packed, env)
     dtype = torch_dtype(cfg.model.dtype)
     # FSDP: built on the meta device and sharded first; the weights arrive after (materialize_from_rank0).
-    student = load_hf(cfg.model.path, dtype=dtype, device="meta" if strategy == "fsdp" else env.device)
+    with reraise_as(ModelDirError, "model.path: "):
+        student = load_hf(cfg.model.path, dtype=dtype, device="meta" if strategy == "fsdp" else env.device)
     attn_teacher, teacher_args = None, None
     if cfg.subcommand == "kd" and cfg.loss.attn_weight > 0:
         (name,) = cfg.teachers.named
@@ -287,19 +292,25 @@ def _run(cfg: Config, env: parallel.Env, shapes: dict) -> Path:
                                   activation_checkpointing=cfg.parallel.activation_checkpointing,
                                   compile=cfg.parallel.compile, env=env)
     if strategy == "fsdp":
-        parallel.materialize_from_rank0(
-            module, lambda: {f"student.{k}": v for k, v in
-                             load_hf(cfg.model.path, dtype=dtype, device="cpu").state_dict().items()}, env.device)
+        with reraise_as(ModelDirError, "model.path: "):
+            parallel.materialize_from_rank0(
+                module, lambda: {f"student.{k}": v for k, v in
+                                 load_hf(cfg.model.path, dtype=dtype, device="cpu").state_dict().items()}, env.device)
     o = cfg.optim
     optimizer = torch.optim.AdamW(decay_groups(module, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    # Data, teachers and student have loaded, so every check has passed: only now do the run's own files appear
+    # (a run refused for bad input leaves its directory as it found it; the data cache aside).
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_resolved(cfg, run_dir)
+    parallel.barrier(env)
+    ckpt.remove_partial(run_dir, env)
+    out.open_files()
 
     counters = {"skipped": 0, "bad_in_a_row": 0, "tokens": 0}
     if resume_from:
         state, rank_state = ckpt.load(resume_from, module, optimizer, env)
-        if state["sampler"]["global_batch"] != sampler.global_batch:
-            raise ConfigError(f"{resume_from} was trained with a global batch of {state['sampler']['global_batch']} "
-                             f"sequences, this run has {sampler.global_batch} (micro_batch x grad_accum x ranks); "
-                             f"resume with the same global batch")
+        assert state["sampler"]["global_batch"] == sampler.global_batch  # checked before the run dir was written
         sampler.load_state_dict(state["sampler"])
         counters.update(state["counters"])
         if teachers is not None:
@@ -351,7 +362,7 @@ def _run(cfg: Config, env: parallel.Env, shapes: dict) -> Path:
                 "mfu": step_flops / dt / peak_all if peak_all else None,
             }, force=step == cfg.schedule.steps)
             if counters["bad_in_a_row"] >= o.max_bad_steps:
-                raise RuntimeError(f"{counters['bad_in_a_row']} non-finite steps in a row (optim.max_bad_steps="
+                raise DivergedError(f"{counters['bad_in_a_row']} non-finite steps in a row (optim.max_bad_steps="
                                    f"{o.max_bad_steps}); stopping with the last checkpoint intact. Lower optim.lr, "
                                    f"check the data, or resume from the checkpoint")
             if s["stop"] > 0:
@@ -363,6 +374,7 @@ def _run(cfg: Config, env: parallel.Env, shapes: dict) -> Path:
                 save(step)
     finally:
         stop.restore()
+        out.close_bar()
     if not stopped:
         if cfg.checkpoint.every and step % cfg.checkpoint.every:
             save(step)
@@ -375,14 +387,18 @@ def _run(cfg: Config, env: parallel.Env, shapes: dict) -> Path:
     return run_dir
 
 
-def _resume_point(cfg: Config, run_dir: Path) -> Path | None:
+def _resume_point(cfg: Config, run_dir: Path, note=None) -> Path | None:
     r = cfg.checkpoint.resume
     if r == "auto":
-        return ckpt.latest(run_dir)
+        return ckpt.latest(run_dir, note)
     if r:
         p = Path(r)
         if not (p / ckpt.STATE_FILE).exists():
-            raise ConfigError(f"checkpoint.resume={r!r} is not a complete checkpoint directory; use --resume auto")
+            raise CheckpointError(f"checkpoint.resume={r!r} is not a complete checkpoint directory; use --resume auto")
+        why = ckpt.damage(p)
+        if why is not None:
+            raise CheckpointError(f"checkpoint.resume={r!r} is damaged ({why}); resume from an earlier step-N/ or "
+                                  "with --resume auto (it skips damaged checkpoints)")
         if p.parent.resolve() != run_dir.resolve():
             raise ConfigError(f"checkpoint.resume={r!r} is not inside run.dir={str(run_dir)!r}; set --run.dir to "
                              f"{str(p.parent)!r}")

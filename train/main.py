@@ -4,6 +4,7 @@ With no arguments it runs the embedded demo (`train.demo.main`). See `--help` an
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -28,6 +29,7 @@ USAGE = """usage: torchrun --nproc_per_node N train/main.py SUBCOMMAND [--config
                                                    [--section.key=value ...]
        python train/main.py [--quick ...]   (no subcommand: the demo; `--quick --help` for its flags)
        python train/main.py SUBCOMMAND --help   (every key of that subcommand)
+       --debug (anywhere, or DISTILL_DEBUG=1): show the traceback of an expected error (bad input)
 
 subcommands:
 """ + "\n".join(f"  {k:<8} {v}" for k, v in COMMANDS.items()) + """
@@ -63,7 +65,26 @@ def parse(argv: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The error boundary: an expected failure (train.errors.UserError: bad config, model directory, data, store,
+    checkpoint, run directory) is one line on stderr and exit code 2; `--debug` (or DISTILL_DEBUG=1) re-raises
+    it with its traceback. Any other exception is a bug and keeps its traceback. Under torchrun only rank 0
+    prints the line; the other ranks exit 2 quietly."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("DISTILL_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    from train.errors import ConfigError, UserError
+    try:
+        return _main(argv)
+    except UserError as e:
+        if debug:
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            kind = "config error" if isinstance(e, ConfigError) else "error"
+            print(f"{kind}: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        return 2
+
+
+def _main(argv: list[str]) -> int:
     if not argv or (argv[0].startswith("--") and argv[0] != "--help"
                     and not argv[0].startswith(("--config", "--resume"))):  # the demo, with its own flags
         if importlib.util.find_spec("train.demo") is None:
@@ -72,34 +93,27 @@ def main(argv: list[str] | None = None) -> int:
         from train import demo
         return demo.main(argv) or 0
     if argv[0] == "eval":
-        if importlib.util.find_spec("train.eval") is None:
-            print("train/eval.py is not in this checkout; `eval` is unavailable", file=sys.stderr)
-            return 2
         from train import eval as evaluation
         evaluation.main(argv[1:])
         return 0
     try:
         sub, toml, overrides, want_help = parse(argv)
     except ValueError as e:
-        print(f"error: {e}\n\n{USAGE}", file=sys.stderr)
+        print(f"error: {e} (train/main.py --help for the usage)", file=sys.stderr)
         return 2
     if sub is None or (want_help and sub not in COMMANDS):
         print(USAGE)
         return 0 if want_help or sub is None else 2
-    from train.config import ConfigError, describe, make_config
+    from train.config import describe, make_config
     if sub not in COMMANDS:
-        print(f"error: unknown subcommand {sub!r}\n\n{USAGE}", file=sys.stderr)
+        print(f"error: unknown subcommand {sub!r}; choose one of {', '.join(COMMANDS)} (train/main.py --help)",
+              file=sys.stderr)
         return 2
     if want_help:
         print(f"{sub}: {COMMANDS[sub]}\n\nkeys (TOML [section] key = value, or --section.key=value):\n"
               + describe(sub))
         return 0
-    try:
-        cfg = make_config(sub, toml, overrides)
-        _dispatch(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    _dispatch(make_config(sub, toml, overrides))
     return 0
 
 
@@ -122,7 +136,6 @@ def _dispatch(cfg) -> None:
 
 
 def _is_rank0() -> bool:
-    import os
     return os.environ.get("RANK", "0") == "0"
 
 

@@ -13,31 +13,34 @@ import torch
 
 
 class Output:
-    """Rank 0's log lines, progress bar, metrics.jsonl and loss curve; other ranks get a silent instance."""
+    """Rank 0's log lines, progress bar, metrics.jsonl and loss curve; other ranks get a silent instance.
+
+    Construction writes nothing: log lines can be printed while data and models load, and a run that fails
+    there leaves no file behind. `open_files()` (after every check has passed) starts metrics.jsonl and the
+    TensorBoard writer; the progress bar opens at the first step, so the lines of loading (and an error there)
+    are never glued onto a bar."""
 
     def __init__(self, run_dir: Path, active: bool, every: int, progress: bool, total: int, start: int,
                  tensorboard: bool = False):
-        self.active, self.every, self.run_dir = active, every, run_dir
+        self.active, self.every, self.run_dir, self.start = active, every, run_dir, start
         self.history: list[dict] = []
         self.bar = None
         self.tb = None
+        self._tensorboard = tensorboard
         self._window: list[dict] = []
         self._t0 = time.perf_counter()
-        if not active:
-            return
+        self._bar_args = dict(total=total, initial=start) if progress else None
         self.metrics_file = run_dir / "metrics.jsonl"
+
+    def open_files(self) -> None:
+        if not self.active:
+            return
         if self.metrics_file.exists():  # resumed: keep the records up to the checkpoint, drop later ones
             kept = [json.loads(x) for x in self.metrics_file.read_text().splitlines() if x.strip()]
-            self.history = [r for r in kept if r.get("step", 0) <= start]
+            self.history = [r for r in kept if r.get("step", 0) <= self.start]
         self.metrics_file.write_text("".join(json.dumps(r) + "\n" for r in self.history))
-        if tensorboard:
-            self.tb = tensorboard_writer(run_dir / "tensorboard", purge_step=start + 1)
-        if progress:
-            try:
-                from tqdm.auto import tqdm
-                self.bar = tqdm(total=total, initial=start, dynamic_ncols=True, desc="train")
-            except ImportError:
-                self.info("tqdm not installed: no progress bar (pip install tqdm)")
+        if self._tensorboard:
+            self.tb = tensorboard_writer(self.run_dir / "tensorboard", purge_step=self.start + 1)
 
     def info(self, msg: str) -> None:
         if not self.active:
@@ -51,6 +54,8 @@ class Output:
         if not self.active:
             return
         self._window.append(rec)
+        if self._bar_args is not None:
+            self._open_bar()
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tok_s']:.0f}", refresh=False)
@@ -78,11 +83,24 @@ class Output:
                   f"attn {out['attn']:.4f} | gnorm {out['grad_norm']:.3f} lr {out['lr']:.2e} | "
                   f"{out['tok_s']:.0f} tok/s mem {out['peak_mem_gb']:.2f} GB{mfu}")
 
+    def _open_bar(self) -> None:
+        args, self._bar_args = self._bar_args, None
+        try:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(dynamic_ncols=True, desc="train", **args)
+        except ImportError:
+            self.info("tqdm not installed: no progress bar (pip install tqdm)")
+
+    def close_bar(self) -> None:
+        """Close the progress bar (also on an error, so that the error line starts on a line of its own)."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
     def close(self, plot: bool) -> None:
         if not self.active:
             return
-        if self.bar is not None:
-            self.bar.close()
+        self.close_bar()
         if self.tb is not None:
             self.tb.close()
         if plot and self.history:

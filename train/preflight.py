@@ -3,24 +3,107 @@ manifests are read, so a bad setting fails in seconds, not after a 93 GB teacher
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
 
+from model import load_hf
 from model.hf import args_from_config
-from train.config import Config, ConfigError
+from train.config import Config
+from train.errors import ConfigError, DataError, ModelDirError, RunDirError
 from train.data import tokenizer_fingerprint
+from train.data.rows import ROW_FILE_SUFFIXES
 from train.loss import check_compatible
 from train.teachers.store import tokenizer_sha256
 
 
 def read_model_args(path: str, what: str):
-    """The ModelArgs of an HF model directory, from its config.json alone (the one reader of it); `what` names
-    the setting that pointed there, for the error."""
-    cfg_file = Path(path) / "config.json"
+    """The ModelArgs of an HF model directory from its config.json alone (the one reader of it): present, valid
+    JSON, complete, no remote code. `what` names the setting that pointed there."""
+    d = Path(path)
+    if not d.is_dir():
+        raise ModelDirError(f"{what}={str(path)!r}: no such directory (cwd {os.getcwd()}); point it at an HF model "
+                            "directory")
+    cfg_file = d / "config.json"
     if not cfg_file.is_file():
-        raise ConfigError(f"{what} {path!r} has no config.json; point it at an HF model directory")
-    return args_from_config(json.loads(cfg_file.read_text()), where=str(cfg_file))
+        raise ModelDirError(f"{what}={str(path)!r} has no config.json; point it at an HF model directory")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelDirError(f"{cfg_file}: not valid JSON ({e}); copy config.json again") from None
+    try:
+        return args_from_config(cfg, where=str(cfg_file))
+    except ValueError as e:
+        raise ModelDirError(str(e)) from None
+
+
+def check_model_dir(path: str, what: str):
+    """read_model_args, then the weights as far as their headers tell (load_hf on the meta device: safetensors
+    only, every shard of the index present and readable, tensor names and shapes as config.json implies), and
+    the tokenizer files when the directory holds any. No weight is read."""
+    args = read_model_args(path, what)
+    try:
+        load_hf(path, device="meta")
+    except ValueError as e:
+        raise ModelDirError(f"{what}: {e}") from None
+    check_tokenizer_dir(path, what, required=False)
+    return args
+
+
+def check_tokenizer_dir(path: str, what: str, required: bool = True) -> None:
+    """A tokenizer directory that AutoTokenizer can load without remote code."""
+    d = Path(path)
+    has_files = any((d / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+    if not has_files:
+        if required:
+            raise ModelDirError(f"{what}={str(path)!r} holds no tokenizer (tokenizer.json / tokenizer.model); set "
+                                "--data.tokenizer=<directory with the student's tokenizer>")
+        return
+    tc = d / "tokenizer_config.json"
+    if tc.is_file():
+        try:
+            tcfg = json.loads(tc.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ModelDirError(f"{tc}: not valid JSON ({e}); copy the tokenizer files again") from None
+        if isinstance(tcfg, dict) and tcfg.get("auto_map"):
+            raise ModelDirError(f"{tc}: auto_map asks for the tokenizer's own Python code; this trainer never runs "
+                                "remote code: use a tokenizer.json (fast) tokenizer")
+    if required:
+        from transformers import AutoTokenizer
+        try:
+            AutoTokenizer.from_pretrained(str(d), trust_remote_code=False)
+        except Exception as e:  # transformers raises many types; the directory is the culprit either way
+            raise ModelDirError(f"{what}={str(path)!r}: the tokenizer does not load ({type(e).__name__}: "
+                                f"{' '.join(str(e).split())[:300]})") from None
+
+
+def check_run_dir(run_dir: str) -> None:
+    """The run directory is, or can become, a writable directory (checked before anything is written)."""
+    if not run_dir:
+        return
+    d = Path(run_dir)
+    if d.exists() and not d.is_dir():
+        raise RunDirError(f"run.dir={run_dir!r} is a file, not a directory; choose another --run.dir")
+    probe = d
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise RunDirError(f"run.dir={run_dir!r}: {str(probe)!r} is not writable; choose a --run.dir you can write")
+
+
+def check_data_paths(paths, packed: str) -> None:
+    if paths:
+        for p in paths:
+            path = Path(p)
+            if not path.exists():
+                raise DataError(f"data.paths: {p!r} not found (cwd {os.getcwd()}); fix the path")
+            if path.is_file() and not path.name.lower().endswith(ROW_FILE_SUFFIXES):
+                raise DataError(f"data.paths: {p!r} has an unknown file type; use {', '.join(ROW_FILE_SUFFIXES)} or a "
+                                "directory written by Dataset.save_to_disk")
+    elif not (Path(packed) / "meta.json").is_file():
+        raise ConfigError(f"data.packed={packed!r} is not a packed dataset (no meta.json); give the directory a "
+                          "PackedDataset was saved to, or use data.paths")
 
 
 def check_store(store: str, name: str, vocab_size: int, cfg: Config, tok_dir: str) -> None:
@@ -56,34 +139,34 @@ def check_store(store: str, name: str, vocab_size: int, cfg: Config, tok_dir: st
 def preflight(cfg: Config) -> dict:
     """Everything that can be checked without loading weights or data; returns the models' ModelArgs."""
     sc = cfg.subcommand
-    student = read_model_args(cfg.model.path, "model.path")
+    check_run_dir(cfg.run.dir)
+    if cfg.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("logging.tensorboard = true needs the tensorboard package: pip install tensorboard (or "
+                          "pip install '.[tensorboard]'); or set --logging.tensorboard=false")
+    student = check_model_dir(cfg.model.path, "model.path")
     tok_dir = cfg.data.tokenizer or cfg.model.path
+    check_data_paths(cfg.data.paths, cfg.data.packed)
     if cfg.data.paths:
-        for p in cfg.data.paths:
-            if not Path(p).exists():
-                raise ConfigError(f"data.paths: {p!r} not found (cwd {os.getcwd()}); fix the path")
-        if tokenizer_fingerprint(tok_dir) is None and not (Path(tok_dir) / "tokenizer_config.json").exists():
-            raise ConfigError(f"no tokenizer in {tok_dir!r} (tokenizer.json / tokenizer.model); set "
-                             f"--data.tokenizer=<directory with the student's tokenizer>")
-    elif not (Path(cfg.data.packed) / "meta.json").is_file():
-        raise ConfigError(f"data.packed={cfg.data.packed!r} is not a packed dataset (no meta.json); give the "
-                         f"directory a PackedDataset was saved to, or use data.paths")
+        check_tokenizer_dir(tok_dir, "data.tokenizer" if cfg.data.tokenizer else "model.path (its tokenizer)")
     teachers = {}
     if sc != "sft":
+        if cfg.teachers.k > student.vocab_size:
+            raise ConfigError(f"teachers.k={cfg.teachers.k} exceeds the vocabulary ({student.vocab_size} tokens); "
+                              f"use --teachers.k={min(64, student.vocab_size)}")
         for name, spec in cfg.teachers.named.items():
             if spec.store:
                 check_store(spec.store, name, student.vocab_size, cfg, tok_dir)
                 continue
-            t = teachers[name] = read_model_args(spec.path, f"teachers.{name}.path")
+            t = teachers[name] = check_model_dir(spec.path, f"teachers.{name}.path")
             if t.vocab_size != student.vocab_size:
                 raise ConfigError(f"teacher {name!r} has vocab_size {t.vocab_size}, the student {student.vocab_size}: "
-                                 f"top-k ids would index different tokens; use a teacher and student that share "
-                                 f"one tokenizer (never resize a vocabulary to make them agree)")
+                                  f"top-k ids would index different tokens; use a teacher and student that share "
+                                  f"one tokenizer (never resize a vocabulary to make them agree)")
             mine, theirs = tokenizer_fingerprint(tok_dir), tokenizer_fingerprint(spec.path)
             if mine is not None and theirs is not None and mine != theirs:
                 raise ConfigError(f"teacher {name!r} ({spec.path}) has a different tokenizer from the student's "
-                                 f"({tok_dir}): same vocab size but different tokens; distil only between "
-                                 f"models of one tokenizer")
+                                  f"({tok_dir}): same vocab size but different tokens; distil only between "
+                                  f"models of one tokenizer")
         if cfg.loss.attn_weight > 0:
             (name,) = cfg.teachers.named
             try:

@@ -277,10 +277,19 @@ def pack(tokenized_ds, seq_len: int, teacher_names: Sequence[str] | None = None,
         full_R = np.asarray(tokenized_ds["num_tokens"], dtype=np.int64)
         stats["truncated_docs_at_tokenize"] = int((full_R > lengths_R).sum())
         stats["truncated_tokens_at_tokenize"] = int((full_R - lengths_R).sum())
-    if stats["truncated_docs"] or stats.get("truncated_docs_at_tokenize"):
-        warnings.warn(f"pack: {stats['truncated_docs']} documents longer than seq_len={seq_len} were truncated "
-                      f"({stats['truncated_tokens']} tokens cut; {stats.get('truncated_docs_at_tokenize', 0)} "
-                      f"already cut at tokenize_rows' max_seq_len)", stacklevel=2)
+    # Documents cut at tokenize_rows' max_seq_len arrive here already at seq_len (truncated_docs counts only
+    # those cut here); the warning gives the documents cut anywhere, so a cut never reads as "0 truncated".
+    cut_docs = stats["truncated_docs"] + stats.get("truncated_docs_at_tokenize", 0)
+    cut_tokens = stats["truncated_tokens"] + stats.get("truncated_tokens_at_tokenize", 0)
+    if cut_docs:
+        warnings.warn(f"pack: {cut_docs} of {n_docs} documents were longer than seq_len={seq_len} and lost their tail "
+                      f"({cut_tokens} tokens cut); raise data.seq_len to keep them whole", stacklevel=2)
+    if n_docs and not keep_R.any():
+        full = (np.asarray(tokenized_ds["num_tokens"], dtype=np.int64) if "num_tokens" in tokenized_ds.column_names
+                else lengths_R)
+        raise ValueError(f"pack: none of the {n_docs} documents keeps an answer token within seq_len={seq_len} "
+                         f"(every answer starts beyond it; the shortest document has {int(full.min())} tokens); fix: "
+                         f"raise data.seq_len")
     if stats["dropped_docs_no_loss"]:
         warnings.warn(f"pack: dropped {stats['dropped_docs_no_loss']} documents with no answer token left after "
                       f"truncation ({stats['dropped_tokens']} tokens); fix: raise seq_len", stacklevel=2)

@@ -8,6 +8,7 @@ teacher, family. Bad rows raise ValueError naming file, row (1-based) and the fi
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import warnings
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Sequence
 import numpy as np
 
 DEFAULT_TEACHER = "reference"
+ROW_FILE_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")  # or a save_to_disk directory
 # The normalisation cache is keyed on this file's bytes (not the whole package's): an edit to the row rules
 # re-checks the rows, an edit to packing or sampling does not.
 _CODE_HASH = hashlib.blake2b(Path(__file__).read_bytes(), digest_size=8).hexdigest()
@@ -143,17 +145,49 @@ def _load_one(path: Path, cache_dir):
                              f"directory, e.g. {path / next(iter(loaded))}")
         return loaded
     suffix = path.name.lower()
-    if suffix.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
-        builder = "json"
-    elif suffix.endswith(".parquet"):
-        builder = "parquet"
-    else:
-        raise ValueError(f"{path}: unknown file type; fix: use .jsonl, .json, .parquet or a directory written by "
-                         f"Dataset.save_to_disk")
+    if not suffix.endswith(ROW_FILE_SUFFIXES):
+        raise ValueError(f"{path}: unknown file type; fix: use one of {', '.join(ROW_FILE_SUFFIXES)} or a directory "
+                         f"written by Dataset.save_to_disk")
+    builder = "parquet" if suffix.endswith(".parquet") else "json"
+    if builder == "json":
+        _check_json_file(path)
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir)
     except Exception as e:  # arrow's JSON errors do not name the file
         raise ValueError(f"{path}: could not be read as {builder} ({type(e).__name__}: {e}); fix the file") from e
+
+
+def _check_json_file(path: Path) -> None:
+    """An empty file or a malformed line, named with its line number (arrow's reader says neither). One pass of
+    json.loads over the file: a second read of what `datasets` reads next, cheap beside tokenisation."""
+    import gzip
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8", errors="strict") as f:
+        try:
+            text_start = f.read(1 << 16)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text ({e}); fix: save it as UTF-8 JSON lines") from None
+        if not text_start.strip():
+            raise ValueError(f"{path}: no rows (the file is empty); fix: point data.paths at a file with rows")
+        if text_start.lstrip().startswith("["):  # one JSON array (a .json file), not JSON lines
+            try:
+                json.loads(text_start + f.read())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {e.lineno}, column {e.colno}: not valid JSON ({e.msg}); fix the "
+                                 "file") from None
+            return
+        f.seek(0)
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {lineno} is not valid JSON ({e.msg} at column {e.colno}); fix or "
+                                 "remove that line") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}: line {lineno} is a JSON {type(row).__name__}, not an object (one row "
+                                 "per line: {\"messages\": [...]}); fix that line")
 
 
 def load_rows(paths_or_dataset, teacher_names: Sequence[str] | None = None, cache_dir: str | None = None):

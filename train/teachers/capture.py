@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from train import parallel
+from train.config import torch_dtype
 from train.data import IGNORE
 from train.teachers.online import OnlineTeacher
 from train.teachers.signal import default_dtype
@@ -104,6 +105,13 @@ def run_capture(teacher_path, packed_dataset, out_dir, k: int, batch_size: int, 
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     names = shard_names(rank, world_size)
+    # A killed capture leaves the temporaries of its atomic writes (`.<name>.tmp-<pid>`); each rank removes its
+    # own shard's (and rank 0 the manifest's) before it writes anything, so a finished store holds no stray file
+    # and no rank deletes another's file in flight.
+    own = list(names.values()) + (["manifest.json"] if rank == 0 else [])
+    for name in own:
+        for stale in out_dir.glob(f".{name}.tmp-*"):
+            stale.unlink(missing_ok=True)
     manifest = read_json(out_dir / "manifest.json")
     if manifest is not None:
         _check_same(settings, manifest, out_dir / "manifest.json")
@@ -260,23 +268,28 @@ def _report(rank, tokens, loss_tokens, seconds, manifest, out_dir) -> dict:
 
 def capture(cfg) -> None:
     """The `capture` subcommand: one teacher over the packed data, once; each rank writes its share."""
-    from train.config import ConfigError, torch_dtype
     from train.data.prepare import build_packed
-    from train.preflight import read_model_args
+    from train.errors import DataError, StoreError, reraise_as
+    from train.preflight import check_data_paths, check_model_dir, check_tokenizer_dir
     (name, spec), = cfg.teachers.named.items()
-    read_model_args(spec.path, f"teachers.{name}.path")
+    teacher_args = check_model_dir(spec.path, f"teachers.{name}.path")
     c, d = cfg.capture, cfg.data
+    if cfg.teachers.k > teacher_args.vocab_size:
+        raise StoreError(f"teachers.k={cfg.teachers.k} exceeds the teacher's vocabulary ({teacher_args.vocab_size}); "
+                         "lower --teachers.k")
+    check_data_paths(d.paths, d.packed)
     tok_dir = d.tokenizer or spec.path
-    if d.paths and not any((Path(tok_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
-        raise ConfigError(f"no tokenizer in {tok_dir!r}; set --data.tokenizer=<the student's tokenizer directory>")
+    if d.paths:
+        check_tokenizer_dir(tok_dir, "data.tokenizer" if d.tokenizer else f"teachers.{name}.path (its tokenizer)")
     env = parallel.init_distributed(cfg.run.device, cfg.parallel.timeout_s)
     try:
         cache = Path(d.cache_dir) if d.cache_dir else Path(c.out).with_name(Path(c.out).name + ".data")
-        packed = build_packed(d, tok_dir, ["reference", "domain"] if c.rows_of else None, cache, env)
-        dtype = torch_dtype(cfg.teachers.dtype)
-        run_capture(spec.path, packed, c.out, cfg.teachers.k, c.batch_size, rank=env.rank,
-                    world_size=env.world_size, dtype=c.logprobs_dtype, teacher=c.rows_of or None,
-                    tokenizer_path=tok_dir, device=env.device, compute_dtype=dtype, shard=spec.shard,
-                    block_samples=c.block_samples)
+        with reraise_as(DataError):
+            packed = build_packed(d, tok_dir, ["reference", "domain"] if c.rows_of else None, cache, env)
+        with reraise_as(StoreError, f"capture.out={c.out!r}: "):
+            run_capture(spec.path, packed, c.out, cfg.teachers.k, c.batch_size, rank=env.rank,
+                        world_size=env.world_size, dtype=c.logprobs_dtype, teacher=c.rows_of or None,
+                        tokenizer_path=tok_dir, device=env.device, compute_dtype=torch_dtype(cfg.teachers.dtype),
+                        shard=spec.shard, block_samples=c.block_samples)
     finally:
         parallel.shutdown(env)

@@ -168,10 +168,20 @@ class StoreReader:
         self._ids, self._logprobs = [], []
         self._where_S3 = np.full((S, 3), -1, dtype=np.int64)  # (shard, first row, count); -1 = not in store
         for i, sh in enumerate(m["shards"]):
-            self._ids.append(np.load(self.path / sh["ids"], mmap_mode="r", allow_pickle=False))
-            self._logprobs.append(np.load(self.path / sh["logprobs"], mmap_mode="r", allow_pickle=False))
-            index = np.load(self.path / sh["index"], allow_pickle=False)
+            self._ids.append(self._open(sh["ids"], mmap_mode="r"))
+            self._logprobs.append(self._open(sh["logprobs"], mmap_mode="r"))
+            index = self._open(sh["index"])
             self._where_S3[index[:, 0]] = np.concatenate([np.full((len(index), 1), i), index[:, 1:]], axis=1)
+
+    def _open(self, name: str, mmap_mode=None) -> np.ndarray:
+        """One array of the store; a missing, truncated or foreign file is a ValueError naming it (numpy's own
+        "mmap length is greater than file size" names none)."""
+        f = self.path / name
+        try:
+            return np.load(f, mmap_mode=mmap_mode, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"store {self.path}: {name} is missing, truncated or not a .npy array ({e}); the store is "
+                             "damaged: capture it again (or copy it again)") from None
 
     def rows(self, sample_idx: int) -> tuple[np.ndarray, np.ndarray]:
         """(ids [n, K], stored logprobs [n, K]) of one sample: memory-mapped views, no copy."""
