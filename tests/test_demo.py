@@ -107,6 +107,7 @@ def test_exchange_summary_headline_and_seeds():
     assert ex["kd"]["log2_std"] == pytest.approx(0.0, abs=1e-9)
     assert [e["relation"] for e in ex["kd_attn"]["per_seed"]] == [">", "="]
     assert ex["kd_attn"]["log2_std"] is None
+    assert ex["sft_rise"]["raw"] == pytest.approx(0.30) and ex["sft_rise"]["std"] == pytest.approx(0.0, abs=1e-12)
     text = demo.exchange_text(ex)
     assert "The teacher was worth ~2,828 (2.83b) instructions" in text and "more than 8b = 8,000" in text
 

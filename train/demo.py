@@ -372,11 +372,15 @@ def exchange_summary(per_seed: list, budgets: list, key: str = "general") -> dic
     """The headline (seed-mean SFT curve against seed-mean KD at b) and the per-seed values, for KD and KD +
     attention. Spread: the seed std of log2(instructions) when every seed is on the curve."""
     out = {"budgets": budgets}
+    curves = [[r[m][key] for m in SFT_BUDGETS] for r in per_seed]
+    mean_curve = [_mean(c) for c in zip(*curves, strict=True)]
+    # How much SFT itself gains from b to 8b: the exchange rate only resolves what that rise resolves.
+    rises = [c[-1] - c[0] for c in curves]
+    out["sft_rise"] = {"fit": isotonic(mean_curve)[-1] - isotonic(mean_curve)[0], "raw": _mean(rises),
+                       "std": statistics.stdev(rises) if len(rises) >= 2 else None}
     for model in ("kd", "kd_attn"):
-        curves = [[r[m][key] for m in SFT_BUDGETS] for r in per_seed]
-        mean_curve = [_mean(c) for c in zip(*curves)]
         head = exchange_rate(budgets, mean_curve, _mean([r[model][key] for r in per_seed]))
-        seeds = [exchange_rate(budgets, c, r[model][key]) for c, r in zip(curves, per_seed)]
+        seeds = [exchange_rate(budgets, c, r[model][key]) for c, r in zip(curves, per_seed, strict=True)]
         logs = [math.log2(e.instructions) for e in seeds]
         on_curve = all(e.relation == "=" for e in seeds)
         out[model] = {"instructions": head.instructions, "relation": head.relation,
@@ -395,6 +399,12 @@ def exchange_text(ex: dict) -> str:
                   "; no seed spread: not every seed is on the curve" if len(e["per_seed"]) >= 2 else "; one seed")
         lines.append(f"- {what} {e['text']} instructions: the SFT budget at which SFT matches {LABELS[model]} "
                      f"(b = {b:,}); per seed: {', '.join(e['per_seed_text'])}{spread}.")
+    rise = ex["sft_rise"]
+    std = f" ± {100 * rise['std']:.1f} (seed std)" if rise["std"] is not None else " (one seed)"
+    lines.append(f"- SFT's own gain from b to {max(BUDGET_MULTIPLES)}b: {100 * rise['raw']:+.1f}{std} accuracy points "
+                 f"({100 * rise['fit']:+.1f} on the isotonic fit of the seed mean). Where this rise is within the "
+                 "spread, the SFT curve is flat and an exchange rate off it (a bound) says only that KD is above a "
+                 "flat curve; C1 below says whether that gap itself is larger than the spread.")
     return "\n".join(lines)
 
 
