@@ -10,6 +10,7 @@ Public API:
         turns lie on the other side of a fixed split of the prompt space (`prompt_side`) than every train row's,
         so pool and train share no prompt (the demo's students learn from the pool, its teachers from train).
     prompt_side(prompt) -> int: 0 (train side) or 1 (pool side), a hash of the prompt text.
+    first_user(row) -> str: a row's first user turn, the prompt that identifies an item.
     shared_prompts(rows_a, rows_b) -> set[str]: the first user turns that occur in both row lists.
     GENERAL_FAMILIES, DOMAIN_FAMILY: the family names (9 general families, one domain family "catalogue").
     train_tokenizer(corpus_paths, out_dir, vocab_size=2000, seed=0) -> str
@@ -339,6 +340,7 @@ def prompt_side(prompt: str) -> int:
 
 
 def first_user(row: dict) -> str:
+    """The row's first user turn (module doc)."""
     return next(m["content"] for m in row["messages"] if m["role"] == "user")
 
 
