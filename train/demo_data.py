@@ -2,10 +2,16 @@
 and a byte-level BPE tokenizer trained on it.
 
 Public API:
-    generate_corpus(seed, out_dir, n_train, n_eval, domain_share=0.2, two_turn_share=0.25) -> dict[str, str]
+    generate_corpus(seed, out_dir, n_train, n_eval, domain_share=0.2, two_turn_share=0.25, n_pool=0)
         Writes out_dir/train.jsonl, out_dir/eval.jsonl (rows: {"messages", "family", "domain"}) and
         out_dir/catalogue.json (the synthetic product table the domain family asks about); returns their paths
-        under keys "train", "eval", "catalogue". Same arguments -> byte-identical files.
+        under keys "train", "eval", "catalogue". Same arguments -> byte-identical files. With n_pool > 0 also
+        out_dir/pool.jsonl (key "pool"): n_pool rows of the same families and distribution whose first user
+        turns lie on the other side of a fixed split of the prompt space (`prompt_side`) than every train row's,
+        so pool and train share no prompt (the demo's students learn from the pool, its teachers from train).
+    prompt_side(prompt) -> int: 0 (train side) or 1 (pool side), a hash of the prompt text.
+    first_user(row) -> str: a row's first user turn, the prompt that identifies an item.
+    shared_prompts(rows_a, rows_b) -> set[str]: the first user turns that occur in both row lists.
     GENERAL_FAMILIES, DOMAIN_FAMILY: the family names (9 general families, one domain family "catalogue").
     train_tokenizer(corpus_paths, out_dir, vocab_size=2000, seed=0) -> str
         Byte-level BPE (`tokenizers`), special tokens <unk>=0 <s>=1 </s>=2 [INST]=3 [/INST]=4, digits split one
@@ -22,6 +28,7 @@ tokenizer (tests check it).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -324,11 +331,32 @@ def write_jsonl(path, rows) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def prompt_side(prompt: str) -> int:
+    """Which half of the prompt space a first user turn belongs to: 0 = train (teachers), 1 = pool (students).
+    A hash, so every family and every kind within a family is split about evenly: both sides keep the same
+    distribution over families and kinds, with different instances (e.g. of the 121 "a times b" prompts about
+    half are the teachers' and the other half the students')."""
+    return hashlib.sha256(prompt.encode("utf-8")).digest()[0] & 1
+
+
+def first_user(row: dict) -> str:
+    """The row's first user turn (module doc)."""
+    return next(m["content"] for m in row["messages"] if m["role"] == "user")
+
+
+def shared_prompts(rows_a, rows_b) -> set:
+    """First user turns present in both lists of rows (the prompt that identifies an item; later turns are
+    generic follow-ups such as "And its price?" whose answers depend on the first)."""
+    return {first_user(r) for r in rows_a} & {first_user(r) for r in rows_b}
+
+
 def generate_corpus(seed: int, out_dir, n_train: int, n_eval: int, domain_share: float = 0.2,
-                    two_turn_share: float = 0.25) -> dict:
-    """Write train.jsonl, eval.jsonl and catalogue.json under out_dir (module doc); returns their paths."""
-    if n_train < 1 or n_eval < 0:
-        raise ValueError(f"n_train={n_train}, n_eval={n_eval}; fix: n_train >= 1 and n_eval >= 0")
+                    two_turn_share: float = 0.25, n_pool: int = 0) -> dict:
+    """Write train.jsonl, eval.jsonl, catalogue.json (and pool.jsonl when n_pool > 0) under out_dir (module doc);
+    returns their paths."""
+    if n_train < 1 or n_eval < 0 or n_pool < 0:
+        raise ValueError(f"n_train={n_train}, n_eval={n_eval}, n_pool={n_pool}; fix: n_train >= 1, n_eval >= 0 "
+                         "and n_pool >= 0")
     if not 0.0 <= domain_share <= 1.0 or not 0.0 <= two_turn_share <= 1.0:
         raise ValueError(f"domain_share={domain_share}, two_turn_share={two_turn_share}; fix: use values in [0, 1]")
     out_dir = Path(out_dir)
@@ -341,9 +369,6 @@ def generate_corpus(seed: int, out_dir, n_train: int, n_eval: int, domain_share:
         if family == DOMAIN_FAMILY:
             return _row(_catalogue_item(rng, two_turn, catalogue, split), family, True, system)
         return _row(_GENERATORS[family](rng, two_turn), family, False, system)
-
-    def first_user(row):
-        return next(m["content"] for m in row["messages"] if m["role"] == "user")
 
     # Eval first (an even share per family, domain included), then train, rejecting any row whose first user
     # turn is an eval prompt. The eval rows' phrasings of catalogue facts are never used in training anyway.
@@ -358,19 +383,28 @@ def generate_corpus(seed: int, out_dir, n_train: int, n_eval: int, domain_share:
         seen.add(first_user(row))
         eval_rows.append(row)
 
-    train_rng = random.Random(f"train-{seed}")
-    train_rows = []
-    for family in _families_for(n_train, domain_share, train_rng):
-        for _ in range(1000):
-            row = make(family, train_rng, "train")
-            if first_user(row) not in seen:
-                break
-        else:
-            raise RuntimeError(f"family {family}: could not draw a prompt outside the eval split")
-        train_rows.append(row)
+    def draw(n, rng, side):
+        """n rows outside the eval split; with side set, only prompts on that side of the split."""
+        rows = []
+        for family in _families_for(n, domain_share, rng):
+            for _ in range(1000):
+                row = make(family, rng, "train")
+                prompt = first_user(row)
+                if prompt not in seen and (side is None or prompt_side(prompt) == side):
+                    break
+            else:
+                raise RuntimeError(f"family {family}: could not draw a prompt outside the eval split"
+                                   + ("" if side is None else f" on side {side}"))
+            rows.append(row)
+        return rows
 
+    # Without a pool the train rows draw from the whole prompt space (the files are as before the pool existed).
+    train_rows = draw(n_train, random.Random(f"train-{seed}"), 0 if n_pool else None)
     paths = {"train": out_dir / "train.jsonl", "eval": out_dir / "eval.jsonl",
              "catalogue": out_dir / "catalogue.json"}
+    if n_pool:
+        paths["pool"] = out_dir / "pool.jsonl"
+        write_jsonl(paths["pool"], draw(n_pool, random.Random(f"pool-{seed}"), 1))
     write_jsonl(paths["train"], train_rows)
     write_jsonl(paths["eval"], eval_rows)
     table = [{k: v for k, v in p.items() if k != "eval_phrasing"} for p in catalogue]
