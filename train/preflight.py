@@ -23,6 +23,14 @@ def read_model_args(path: str, what: str):
     return args_from_config(json.loads(cfg_file.read_text()), where=str(cfg_file))
 
 
+def read_model_dtype(path: str) -> str | None:
+    """The dtype an HF directory's config.json declares (`torch_dtype`, or `dtype` in transformers 5), if one of
+    ours (float32 / bfloat16 / float16); the final export is written in it."""
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    name = cfg.get("torch_dtype") or cfg.get("dtype")
+    return name if name in ("float32", "bfloat16", "float16") else None
+
+
 def check_store(store: str, name: str, vocab_size: int, cfg: Config, tok_dir: str) -> None:
     """A top-k store against the run, from its manifest.json alone."""
     mf = Path(store) / "manifest.json"
@@ -87,7 +95,7 @@ def preflight(cfg: Config) -> dict:
         if cfg.loss.attn_weight > 0:
             (name,) = cfg.teachers.named
             try:
-                check_compatible(student, teachers[name])
+                check_compatible(student, teachers[name], cfg.data.seq_len)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
-    return {"student": student, "teachers": teachers}
+    return {"student": student, "teachers": teachers, "student_dtype": read_model_dtype(cfg.model.path)}
