@@ -142,3 +142,22 @@ def test_plan_peak_within_15_percent_of_a_real_step():
     print(f"state {state / 1e9:.2f} GB, planned peak {planned / 1e9:.3f} GB, measured {measured / 1e9:.3f} GB, "
           f"ratio {planned / measured:.3f}")
     assert abs(planned / measured - 1) < 0.15
+
+
+def test_plan_cli_says_fits_or_names_the_fix(tmp_path, capsys):
+    from train.main import main
+    tiny = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "vocab_size": 256}
+    for name, c in (("student", {**MISTRAL_7B, **tiny}), ("teacher", {**MIXTRAL_8X7B, **tiny})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(c))
+    args = ["plan", f"--model.path={tmp_path / 'student'}", f"--teachers.teacher.path={tmp_path / 'teacher'}",
+            "--data.seq_len=64", "--plan.gpus_per_node=8", "--plan.headroom_gb=0"]
+    assert main(args + ["--plan.gpu_memory_gb=80"]) == 0
+    out = capsys.readouterr().out
+    assert "simulation" in out and "verdict: fits" in out and "mesh 8 (FSDP)" in out
+    assert main(args + ["--plan.gpu_memory_gb=0.0001"]) == 0
+    out = capsys.readouterr().out
+    assert "does NOT fit" in out and ("shard the teacher" in out or "combine" in out)
+    assert main(args + ["--plan.nodes=2", "--parallel.shard_group=3"]) == 2
+    assert "shard_group=3 does not divide the world size 16" in capsys.readouterr().err

@@ -103,9 +103,31 @@ def trace_step(student_args, teachers: list[TeacherPlan], *, world: int, shard: 
                seq_len: int, grad_accum: int, k: int, activation_checkpointing: bool,
                compute_dtype: torch.dtype | None, master_dtype: torch.dtype = torch.float32,
                teacher_dtype: torch.dtype = torch.bfloat16, loss_weights=(1.0, 1.0), steps: int = 2) -> Trace:
-    """Trace optimizer steps on rank 0 of a fake world (module doc). grad_accum micro-batches are traced up to
-    2 (the first shows what a non-last micro-batch leaves behind, the rest are alike); the second step runs
-    with AdamW's moments allocated, where the peak is (steps=1 suffices for the sharded bytes alone)."""
+    """Trace `steps` optimizer steps on rank 0 of a fake world (module doc), one micro-batch each: with
+    grad_accum > 1 it is a non-last one (what it leaves behind is what every non-last one leaves: the last
+    adds nothing new); the second step runs with AdamW's moments allocated, where the peak is (steps=1
+    suffices for the sharded bytes alone). The student's trace is kept per process for its arguments, so
+    several teacher set-ups of one student cost one trace."""
+    check_world(student_args, teachers, world, shard)
+    st = _trace_student(student_args, world, shard, micro_batch, seq_len, grad_accum > 1, k,
+                        activation_checkpointing, compute_dtype, master_dtype, tuple(loss_weights), steps)
+    teacher_bytes = _teacher_shares(teachers, world, shard, teacher_dtype) if teachers else 0
+    # Peak: the student's traced step with the teachers' weights resident, or a teacher's forward on top of
+    # the student's state between micro-batches (masters, gradients, moments), whichever is larger.
+    teacher_fwd = max((_teacher_forward_bytes(t, micro_batch, seq_len, shard) for t in teachers), default=0)
+    peak = teacher_bytes + max(st["kinds"]["Total"], st["params"] + st["grads"] + st["opt"] + teacher_fwd)
+    return Trace(params=st["params"], grads=st["grads"], unsharded_grads=st["unsharded"], optimizer=st["opt"],
+                 teachers=teacher_bytes, peak=peak, activations=st["kinds"].get("ACT", 0),
+                 param_dtypes=set(st["dtypes"]), kinds=dict(st["kinds"]))
+
+
+_STUDENT_TRACES: dict = {}
+
+
+def _trace_student(a, world, shard, B, T, accumulating, k, ac, compute_dtype, master_dtype, loss_weights, steps):
+    key = (repr(a), world, shard, B, T, accumulating, k, ac, compute_dtype, master_dtype, loss_weights, steps)
+    if key in _STUDENT_TRACES:
+        return _STUDENT_TRACES[key]
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
@@ -113,58 +135,42 @@ def trace_step(student_args, teachers: list[TeacherPlan], *, world: int, shard: 
     from model import Transformer
     from train import parallel
     from train.loss import LossSettings, StudentWithLoss
-    from train.teachers.online import shard_teacher
 
-    check_world(student_args, teachers, world, shard)
-    for dt in {compute_dtype or master_dtype, master_dtype, teacher_dtype}:
+    for dt in {compute_dtype or master_dtype, master_dtype}:
         torch_grouped_mm_runs("cpu", dt)  # the probe runs on real tensors, once, before FakeTensorMode
     env = parallel.Env(0, world, 0, torch.device("cpu"), False, shard)
-    B, T = micro_batch, seq_len
     with fake_world(world):
         mesh = parallel.build_mesh(world, shard, "cpu")  # outside FakeTensorMode
         with FakeTensorMode():
-            student = _meta_model(Transformer, student_args, master_dtype)
+            student = _meta_model(Transformer, a, master_dtype)
             module = StudentWithLoss(student, LossSettings(loss_weights[0], loss_weights[1], 0.0, 0.0),
                                      compute_dtype=compute_dtype)
-            module = parallel.parallelize(module, student.layers, strategy="fsdp",
-                                          activation_checkpointing=activation_checkpointing, compile=False,
-                                          env=env, mesh=mesh, param_dtype=compute_dtype)
+            module = parallel.parallelize(module, student.layers, strategy="fsdp", activation_checkpointing=ac,
+                                          compile=False, env=env, mesh=mesh, param_dtype=compute_dtype)
             module.to_empty(device="cpu")
             optimizer = torch.optim.AdamW([p for p in module.parameters()], lr=1e-5)
-            online = []
-            for t in teachers:
-                m = _meta_model(Transformer, t.args, teacher_dtype)
-                m.requires_grad_(False).eval()
-                if t.sharded:
-                    shard_teacher(m, parallel.shard_mesh(mesh))
-                online.append(m.to_empty(device="cpu"))
             seen_dtypes: set = set()
             hooks = [blk.register_forward_pre_hook(
                 lambda mod, args: seen_dtypes.update(p.dtype for p in mod.parameters(recurse=True)))
                 for blk in student.layers]
-            teacher_bytes = _local_bytes(p for m in online for p in m.parameters())
-            # The tracker follows FSDP2's frees of the module it wraps only (a teacher's resharded blocks would
-            # look alive forever), so the teachers run outside it and their forward is added below by arithmetic.
             tracker = FSDPMemTracker(module, optimizer)
             tokens_BT = torch.zeros(B, T, dtype=torch.long)
             labels_BT = torch.zeros(B, T, dtype=torch.long)
-            normalizer = torch.tensor(float(B * T * grad_accum * world))
+            normalizer = torch.tensor(float(B * T * world * (2 if accumulating else 1)))
             after_first = None
             with tracker:
                 for _ in range(steps):
-                    for mb in range(min(grad_accum, 2)):
-                        ids_BTK = torch.zeros(B, T, k, dtype=torch.long)
-                        logprobs_BTK = torch.zeros(B, T, k, dtype=torch.float32)
-                        last = mb == min(grad_accum, 2) - 1
-                        with parallel.grad_sync(module, enabled=last):
-                            loss, _ = module(tokens_BT, labels_BT, None, None, ids_BTK, logprobs_BTK, normalizer,
-                                             1.0, None, False)
-                            loss.backward()
-                        del loss, ids_BTK, logprobs_BTK
-                        if after_first is None:  # grad_accum > 1: what a non-last micro-batch leaves behind
-                            after_first = tracker.get_tracker_snapshot("current")
-                            grads_first = _local_bytes(p.grad for p in module.parameters())
-                        tracker.reset_mod_stats()
+                    ids_BTK = torch.zeros(B, T, k, dtype=torch.long)
+                    logprobs_BTK = torch.zeros(B, T, k, dtype=torch.float32)
+                    with parallel.grad_sync(module, enabled=not accumulating):
+                        loss, _ = module(tokens_BT, labels_BT, None, None, ids_BTK, logprobs_BTK, normalizer,
+                                         1.0, None, False)
+                        loss.backward()
+                    del loss, ids_BTK, logprobs_BTK
+                    if after_first is None:
+                        after_first = tracker.get_tracker_snapshot("current")
+                        grads = _local_bytes(p.grad for p in module.parameters())
+                    tracker.reset_mod_stats()
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
             for h in hooks:
@@ -173,17 +179,35 @@ def trace_step(student_args, teachers: list[TeacherPlan], *, world: int, shard: 
             params = _local_bytes(module.parameters())
             opt = _local_bytes(v for st in optimizer.state.values() for v in st.values()
                                if torch.is_tensor(v) and v.ndim > 0)
-    (dev_peak,) = [v for d, v in peak.items()]
-    kinds = {str(key).rsplit(".", 1)[-1]: v for key, v in dev_peak.items()}
-    (cur,) = [v for d, v in after_first.items()]
-    unsharded = {str(key).rsplit(".", 1)[-1]: v for key, v in cur.items()}.get("UNSHARDED_GRAD", 0)
-    # Peak: the student's traced step with the teachers' weights resident, or a teacher's forward on top of
-    # the student's state between micro-batches (masters, gradients, moments), whichever is larger.
-    teacher_fwd = max((_teacher_forward_bytes(t, B, T, shard) for t in teachers), default=0)
-    peak = teacher_bytes + max(kinds["Total"], params + grads_first + opt + teacher_fwd)
-    return Trace(params=params, grads=grads_first, unsharded_grads=unsharded, optimizer=opt,
-                 teachers=teacher_bytes, peak=peak,
-                 activations=kinds.get("ACT", 0), param_dtypes=seen_dtypes, kinds=kinds)
+    (dev_peak,) = peak.values()
+    (cur,) = after_first.values()
+    out = {"params": params, "grads": grads, "opt": opt, "dtypes": frozenset(seen_dtypes),
+           "kinds": {str(key).rsplit(".", 1)[-1]: v for key, v in dev_peak.items()},
+           "unsharded": {str(key).rsplit(".", 1)[-1]: v for key, v in cur.items()}.get("UNSHARDED_GRAD", 0)}
+    _STUDENT_TRACES[key] = out
+    return out
+
+
+def _teacher_shares(teachers: list[TeacherPlan], world: int, shard: int, dtype: torch.dtype) -> int:
+    """Bytes of the online teachers' weights on rank 0: whole (replicated) or its share (shard_teacher on the
+    shard dimension of the run's mesh, experts placed as the run places them)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from model import Transformer
+    from train import parallel
+    from train.teachers.online import shard_teacher
+    with fake_world(world):
+        mesh = parallel.build_mesh(world, shard, "cpu")
+        with FakeTensorMode():
+            total = 0
+            for t in teachers:
+                m = _meta_model(Transformer, t.args, dtype)
+                m.requires_grad_(False).eval()
+                if t.sharded:
+                    shard_teacher(m, parallel.shard_mesh(mesh))
+                    m = m.to_empty(device="cpu")
+                total += _local_bytes(m.parameters())  # replicated: the meta model's sizes are the bytes
+    return total
 
 
 def _meta_model(cls, args, dtype):
