@@ -449,7 +449,8 @@ def validate(cfg: Config) -> None:
         _require(lo.tau > 0, f"loss.tau={lo.tau}; the temperature must be > 0")
         _require(lo.attn_weight >= 0, f"loss.attn_weight={lo.attn_weight}; use 0 (off) or a positive weight")
         if lo.attn_weight > 0 and not (sc == "plan" and not cfg.teachers.named):
-            _require(sc in ("kd", "plan"), f"loss.attn_weight is a kd-only term (the paper's phase 1); set it to 0 for {sc}")
+            _require(sc in ("kd", "plan"),
+                     f"loss.attn_weight is a kd-only term (the paper's phase 1); set it to 0 for {sc}")
             spec = next(iter(cfg.teachers.named.values()))
             _require(bool(spec.path), "loss.attn_weight > 0 needs an online teacher (attention maps cannot be "
                                       "stored): give the teacher path = \"<HF dir>\" instead of store")
