@@ -169,7 +169,7 @@ def _trace_student(a, world, shard, B, T, accumulating, k, ac, compute_dtype, ma
                     del loss, ids_BTK, logprobs_BTK
                     if after_first is None:
                         after_first = tracker.get_tracker_snapshot("current")
-                        grads = _local_bytes(p.grad for p in module.parameters())
+                        grads = _local_bytes(p.grad for p in module.parameters()) + _held_reductions(module)
                     tracker.reset_mod_stats()
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -186,6 +186,18 @@ def _trace_student(a, world, shard, B, T, accumulating, k, ac, compute_dtype, ma
            "unsharded": {str(key).rsplit(".", 1)[-1]: v for key, v in cur.items()}.get("UNSHARDED_GRAD", 0)}
     _STUDENT_TRACES[key] = out
     return out
+
+
+def _held_reductions(module: nn.Module) -> int:
+    """Bytes of the reduce-scattered gradients FSDP2 keeps outside `.grad` between micro-batches under HSDP
+    with set_requires_all_reduce(False) (each group's partial reduce output, the size of its shard in fp32).
+    A private attribute of torch 2.13's FSDP2 (0 where it does not exist)."""
+    total = 0
+    for m in module.modules():
+        state = m._get_fsdp_state() if hasattr(m, "_get_fsdp_state") else None
+        for group in getattr(state, "_fsdp_param_groups", ()) if state is not None else ():
+            total += _local_bytes([getattr(group, "_partial_reduce_output", None)])
+    return total
 
 
 def _teacher_shares(teachers: list[TeacherPlan], world: int, shard: int, dtype: torch.dtype) -> int:
@@ -323,7 +335,7 @@ def make_plan(cfg, shapes: dict | None = None) -> Plan:
          f"    budget                         {gb(budget)}   (GPU {pl.gpu_memory_gb:g} GB - headroom "
          f"{pl.headroom_gb:g} GB)",
          f"  checkpoint: {ckpt_bytes / GB:.0f} GB on disk (fp32 masters + AdamW), {gb(tr.params + tr.optimizer).strip()}"
-         f" per rank staged in host memory by the async save",
+         f" per rank (its shards)",
          f"  FLOPs per token: student {f_student / 1e9:.1f} GFLOP (6N + attention), teachers "
          f"{f_teachers / 1e9:.1f} GFLOP (2N active + attention)",
          f"  step time at MFU {pl.mfu:g} of {pl.peak_tflops:g} TFLOP/s: {step_s:.1f} s "
