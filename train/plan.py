@@ -103,9 +103,9 @@ def trace_step(student_args, teachers: list[TeacherPlan], *, world: int, shard: 
                seq_len: int, grad_accum: int, k: int, activation_checkpointing: bool,
                compute_dtype: torch.dtype | None, master_dtype: torch.dtype = torch.float32,
                teacher_dtype: torch.dtype = torch.bfloat16, loss_weights=(1.0, 1.0), steps: int = 2) -> Trace:
-    """Trace `steps` optimizer steps on rank 0 of a fake world (module doc), one micro-batch each: with
-    grad_accum > 1 it is a non-last one (what it leaves behind is what every non-last one leaves: the last
-    adds nothing new); the second step runs with AdamW's moments allocated, where the peak is (steps=1
+    """Trace `steps` optimizer steps on rank 0 of a fake world (module doc), one micro-batch each, two in the
+    first with grad_accum > 1 (the bytes a non-last micro-batch leaves behind are measured after the first);
+    the second step runs with AdamW's moments allocated, where the peak is (steps=1
     suffices for the sharded bytes alone). The student's trace is kept per process for its arguments, so
     several teacher set-ups of one student cost one trace."""
     check_world(student_args, teachers, world, shard)
@@ -159,18 +159,21 @@ def _trace_student(a, world, shard, B, T, accumulating, k, ac, compute_dtype, ma
             normalizer = torch.tensor(float(B * T * world * (2 if accumulating else 1)))
             after_first = None
             with tracker:
-                for _ in range(steps):
-                    ids_BTK = torch.zeros(B, T, k, dtype=torch.long)
-                    logprobs_BTK = torch.zeros(B, T, k, dtype=torch.float32)
-                    with parallel.grad_sync(module, enabled=not accumulating):
-                        loss, _ = module(tokens_BT, labels_BT, None, None, ids_BTK, logprobs_BTK, normalizer,
-                                         1.0, None, False)
-                        loss.backward()
-                    del loss, ids_BTK, logprobs_BTK
-                    if after_first is None:
-                        after_first = tracker.get_tracker_snapshot("current")
-                        grads = _local_bytes(p.grad for p in module.parameters()) + _held_reductions(module)
-                    tracker.reset_mod_stats()
+                for step in range(steps):
+                    # step 0 with grad_accum > 1: a non-last micro-batch (measured), then the last one (under
+                    # HSDP only the last puts gradients into .grad, where AdamW finds them)
+                    for last in ([False, True] if accumulating and step == 0 else [True]):
+                        ids_BTK = torch.zeros(B, T, k, dtype=torch.long)
+                        logprobs_BTK = torch.zeros(B, T, k, dtype=torch.float32)
+                        with parallel.grad_sync(module, enabled=last):
+                            loss, _ = module(tokens_BT, labels_BT, None, None, ids_BTK, logprobs_BTK, normalizer,
+                                             1.0, None, False)
+                            loss.backward()
+                        del loss, ids_BTK, logprobs_BTK
+                        if after_first is None:
+                            after_first = tracker.get_tracker_snapshot("current")
+                            grads = _local_bytes(p.grad for p in module.parameters()) + _held_reductions(module)
+                        tracker.reset_mod_stats()
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
             for h in hooks:
