@@ -157,7 +157,8 @@ def setup_ours(student_dir: str, teacher_dir: str, K: int, device: torch.device)
 
     env = parallel.init_distributed(device.type)
     student = load_hf(student_dir, dtype=torch.float32, device=env.device)
-    module = StudentWithLoss(student, LossSettings(kd_weight=LAM, tau=TAU, attn_weight=0.0, aux_coef=0.0))
+    module = StudentWithLoss(student, LossSettings(kd_weight=LAM, tau=TAU, attn_weight=0.0, aux_coef=0.0),
+                             compute_dtype=parallel.compute_dtype("auto", env.device))
     module = parallel.parallelize(module, student.layers, strategy="none", activation_checkpointing=False,
                                   compile=False, env=env)
     optimizer = torch.optim.AdamW(decay_groups(module, 0.0), lr=LR, betas=BETAS, eps=EPS)

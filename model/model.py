@@ -166,7 +166,11 @@ class MoEFeedForward(nn.Module):
         x_TD = x_BTD.reshape(B * T, D)
         logits_TE = self.gate(x_TD)
         routing = kernels.route_topk(logits_TE, self.moe.num_experts_per_tok)  # Triton on CUDA, torch on CPU
-        y_TD = moe_experts(x_TD, routing, self.w13, self.w2)
+        w13, w2 = self.w13, self.w2
+        if torch.is_autocast_enabled(x_TD.device.type):  # autocast stops at Triton: the experts' GEMMs in its dtype
+            dt = torch.get_autocast_dtype(x_TD.device.type)
+            x_TD, w13, w2 = x_TD.to(dt), w13.to(dt), w2.to(dt)
+        y_TD = moe_experts(x_TD, routing, w13, w2)
         # Load-balancing statistics (Mixtral's aux loss): assignments and probability mass per expert, summed
         # here and combined over layers in Transformer.forward_with_aux exactly as HF's load_balancing_loss_func.
         stats = (routing.counts_E.float(), routing.probs_TE.sum(0), B * T)

@@ -289,8 +289,8 @@ def test_dae_routes_rows_and_holds_domain_fraction(tmp_path, monkeypatch):
     seen: dict = {"reference": [], "domain": []}
     orig_build = L.build_teachers
 
-    def build(cfg, packed, env):
-        ts = orig_build(cfg, packed, env)
+    def build(cfg, packed, env, mesh=None):
+        ts = orig_build(cfg, packed, env, mesh)
         for name, src in ts.sources.items():
             def signals(rows, _src=src, _name=name, _orig=src.signals):
                 seen[_name] += [packed.teacher_names[int(packed.teacher[s])] for s in rows.sample_idx_B.tolist()]
@@ -581,3 +581,31 @@ def test_activation_checkpointing_and_compile_same_losses(world, tmp_path):
     c = L.run(cfg_for(world, tmp_path / "c", steps=3, **{"parallel.activation_checkpointing": True,
                                                          "parallel.compile": True}))
     assert np.allclose(losses(a), losses(b), rtol=1e-6) and np.allclose(losses(a), losses(c), rtol=1e-5)
+
+
+def test_attention_windows_compared_as_they_act():
+    """Mistral's sliding_window 4096 and Mixtral's none are one mask at seq_len <= 4096 (the paper's pair)."""
+    from model import ModelArgs
+    from train.loss import check_compatible
+    mistral, mixtral = ModelArgs(sliding_window=4096), ModelArgs(sliding_window=None)
+    for seq_len in (2048, 4096):
+        check_compatible(mistral, mixtral, seq_len)
+    with pytest.raises(ValueError, match="at seq_len 8192 the student sees 4096 keys back.*teacher 8192"):
+        check_compatible(mistral, mixtral, 8192)
+
+
+def test_fsdp_on_one_rank_equals_none(world, tmp_path, monkeypatch):
+    """parallel.strategy=fsdp in one process is FSDP2 on a 1-rank mesh (a single GPU can check the policy),
+    not silently `none`; in fp32 it trains the same numbers."""
+    wrapped = []
+    orig = L.parallel.parallelize
+
+    def spy(module, blocks, **kw):
+        out = orig(module, blocks, **kw)
+        wrapped.append((kw["strategy"], type(out).__name__, kw["mesh"].size() if kw["mesh"] is not None else None))
+        return out
+    monkeypatch.setattr(L.parallel, "parallelize", spy)
+    a = L.run(cfg_for(world, tmp_path / "none", steps=3, **{"parallel.strategy": "none"}))
+    b = L.run(cfg_for(world, tmp_path / "fsdp", steps=3, **{"parallel.strategy": "fsdp"}))
+    assert wrapped == [("none", "StudentWithLoss", None), ("fsdp", "FSDPStudentWithLoss", 1)]
+    assert np.allclose(losses(a), losses(b), rtol=1e-5)

@@ -27,9 +27,7 @@ from pathlib import Path
 
 from train.errors import ConfigError  # re-exported: train.config.ConfigError
 
-SUBCOMMANDS = ("kd", "dae", "sft", "capture", "upcycle", "export")
-
-
+SUBCOMMANDS = ("kd", "dae", "sft", "capture", "upcycle", "export", "plan")
 
 
 def _f(default, help: str, example=None):
@@ -129,6 +127,12 @@ class ParallelConfig:
     activation_checkpointing: bool = _f(False, "recompute each transformer block in the backward")
     compile: bool = _f(False, "torch.compile each transformer block")
     timeout_s: int = _f(1800, "collective timeout (process group init)")
+    mixed_precision: str = _f("auto", "bf16: every matmul in bf16, fp32 master weights and optimizer state, fp32 "
+                                      "gradient reduction (FSDP2 MixedPrecisionPolicy; autocast under ddp/none); "
+                                      "fp32: fp32 all through; auto: bf16 on CUDA, fp32 on the CPU")
+    shard_group: int = _f(0, "fsdp: ranks that shard one copy of the model; the world is replicate x shard "
+                             "(HSDP) when it is smaller than the world. 0: the node's GPUs when there are "
+                             "several nodes, else every rank")
 
 
 @dataclass
@@ -137,7 +141,8 @@ class CheckpointConfig:
     keep: int = _f(2, "complete checkpoints kept (older ones deleted after a newer one is complete)")
     resume: str = _f("", "'auto': continue from the newest complete step-N/ in run.dir (fresh start when there "
                          "is none); a step-N/ path: from that one; empty: fresh run")
-    export_final: bool = _f(True, "write the final student to run_dir/final/ (HF safetensors)")
+    export_final: bool = _f(True, "write the final student to run_dir/final/ (HF safetensors), in the dtype of "
+                                  "model.path's config.json")
 
 
 @dataclass
@@ -179,10 +184,21 @@ class ExportConfig:
     dtype: str = _f("bfloat16", "dtype of the exported weights")
 
 
+@dataclass
+class PlanConfig:
+    nodes: int = _f(1, "nodes of the planned run")
+    gpus_per_node: int = _f(8, "GPUs per node")
+    gpu_memory_gb: float = _f(80.0, "memory of one GPU in GB (1e9 bytes): 80 for H100-80GB, 141 for H200")
+    peak_tflops: float = _f(989.0, "dense bf16 peak of one GPU in TFLOP/s (H100 / H200 SXM: 989)")
+    mfu: float = _f(0.4, "model FLOPs utilisation assumed for the step-time estimate")
+    headroom_gb: float = _f(4.0, "memory left for the CUDA context, NCCL buffers and fragmentation")
+
+
 SECTION_TYPES = {
     "run": RunConfig, "model": ModelConfig, "data": DataConfig, "teachers": TeachersConfig, "loss": LossConfig,
     "optim": OptimConfig, "schedule": ScheduleConfig, "parallel": ParallelConfig, "checkpoint": CheckpointConfig,
     "logging": LoggingConfig, "capture": CaptureConfig, "upcycle": UpcycleConfig, "export": ExportConfig,
+    "plan": PlanConfig,
 }
 _TRAIN = ("run", "model", "data", "teachers", "loss", "optim", "schedule", "parallel", "checkpoint", "logging")
 SECTIONS = {
@@ -190,6 +206,7 @@ SECTIONS = {
     "capture": ("run", "data", "teachers", "parallel", "capture"),
     "upcycle": ("model", "upcycle"),
     "export": ("model", "export"),
+    "plan": _TRAIN + ("plan",),  # reads a kd / dae / sft run's file as it is
 }
 
 
@@ -209,6 +226,7 @@ class Config:
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
     @property
     def sections(self) -> tuple[str, ...]:
@@ -391,8 +409,8 @@ def validate(cfg: Config) -> None:
                  f"model.dtype={cfg.model.dtype!r}; use float32 or bfloat16")
     if "data" in cfg.sections:
         d = cfg.data
-        _require(bool(d.paths) != bool(d.packed), "give exactly one of data.paths (chat rows) and data.packed "
-                                                  "(a packed dataset directory)")
+        _require(bool(d.paths) != bool(d.packed) or sc == "plan",  # plan reads no data
+                 "give exactly one of data.paths (chat rows) and data.packed (a packed dataset directory)")
         _require(d.seq_len >= 2, f"data.seq_len={d.seq_len}; use at least 2")
         _require(d.micro_batch >= 1, f"data.micro_batch={d.micro_batch}; use at least 1")
         _require(d.grad_accum >= 1, f"data.grad_accum={d.grad_accum}; use at least 1")
@@ -405,7 +423,7 @@ def validate(cfg: Config) -> None:
         _require(1 <= t.k, f"teachers.k={t.k}; use at least 1 (32..128 is typical)")
         _require(t.dtype in ("auto", "float32", "bfloat16"),
                  f"teachers.dtype={t.dtype!r}; use auto, bfloat16 or float32")
-        _require(bool(t.named), f"{sc} needs a teacher: add a [teachers.<name>] table with path = \"<HF dir>\""
+        _require(bool(t.named) or sc == "plan", f"{sc} needs a teacher: add a [teachers.<name>] table with path = \"<HF dir>\""
                                 + ("" if sc == "capture" else " or store = \"<capture store>\""))
         for name, spec in t.named.items():
             _require(bool(spec.path) != bool(spec.store),
@@ -428,8 +446,9 @@ def validate(cfg: Config) -> None:
         _require(0.0 <= lo.kd_weight <= 1.0, f"loss.kd_weight={lo.kd_weight}; lambda must be in [0, 1]")
         _require(lo.tau > 0, f"loss.tau={lo.tau}; the temperature must be > 0")
         _require(lo.attn_weight >= 0, f"loss.attn_weight={lo.attn_weight}; use 0 (off) or a positive weight")
-        if lo.attn_weight > 0:
-            _require(sc == "kd", f"loss.attn_weight is a kd-only term (the paper's phase 1); set it to 0 for {sc}")
+        if lo.attn_weight > 0 and not (sc == "plan" and not cfg.teachers.named):
+            _require(sc in ("kd", "plan"),
+                     f"loss.attn_weight is a kd-only term (the paper's phase 1); set it to 0 for {sc}")
             spec = next(iter(cfg.teachers.named.values()))
             _require(bool(spec.path), "loss.attn_weight > 0 needs an online teacher (attention maps cannot be "
                                       "stored): give the teacher path = \"<HF dir>\" instead of store")
@@ -447,8 +466,25 @@ def validate(cfg: Config) -> None:
         _require(0 <= s.warmup_steps <= s.steps, f"schedule.warmup_steps={s.warmup_steps}; use 0..schedule.steps (= {s.steps})")
         _require(0 <= s.min_lr_ratio <= 1, f"schedule.min_lr_ratio={s.min_lr_ratio}; use a value in [0, 1]")
     if "parallel" in cfg.sections:
-        _require(cfg.parallel.strategy in ("auto", "fsdp", "ddp", "none"),
-                 f"parallel.strategy={cfg.parallel.strategy!r}; use auto, fsdp, ddp or none")
+        pa = cfg.parallel
+        _require(pa.strategy in ("auto", "fsdp", "ddp", "none"),
+                 f"parallel.strategy={pa.strategy!r}; use auto, fsdp, ddp or none")
+        _require(pa.mixed_precision in ("auto", "bf16", "fp32"),
+                 f"parallel.mixed_precision={pa.mixed_precision!r}; use auto, bf16 or fp32")
+        _require(pa.shard_group >= 0, f"parallel.shard_group={pa.shard_group}; use 0 (auto) or a divisor of the "
+                                      f"world size")
+    if sc == "plan":
+        pl = cfg.plan
+        _require(pl.nodes >= 1, f"plan.nodes={pl.nodes}; a run needs at least 1 node")
+        _require(pl.gpus_per_node >= 1, f"plan.gpus_per_node={pl.gpus_per_node}; plan a run of at least 1 GPU "
+                                        f"per node (the plan is for GPU runs)")
+        _require(pl.gpu_memory_gb > 0 and math.isfinite(pl.gpu_memory_gb),
+                 f"plan.gpu_memory_gb={pl.gpu_memory_gb}; give the memory of one GPU in GB, > 0 (80 for "
+                 f"H100-80GB, 141 for H200)")
+        _require(pl.peak_tflops > 0 and 0 < pl.mfu <= 1, f"plan.peak_tflops={pl.peak_tflops}, plan.mfu={pl.mfu}; "
+                                                         f"use a positive peak and an MFU in (0, 1]")
+        _require(0 <= pl.headroom_gb < pl.gpu_memory_gb, f"plan.headroom_gb={pl.headroom_gb}; use a value in "
+                                                         f"[0, plan.gpu_memory_gb)")
     if "checkpoint" in cfg.sections:
         c = cfg.checkpoint
         _require(c.every >= 0, f"checkpoint.every={c.every}; use 0 (only on signals) or a step count")

@@ -21,8 +21,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 
 
 def export_student(module: nn.Module, path: Path, env: parallel.Env, tokenizer_dir: str | None,
-                   strategy: str) -> None:
-    """The student as an HF directory (safetensors, config.json, tokenizer files); every rank must call it."""
+                   strategy: str, dtype: torch.dtype | None = None) -> None:
+    """The student as an HF directory (safetensors, config.json, tokenizer files); every rank must call it.
+    `dtype`: the weights' dtype on disk (the run passes the student's original one: a bf16 checkpoint in, bf16
+    out, 14.5 GB for a 7B instead of 29 GB in the fp32 masters); None: the masters' dtype."""
     inner = parallel.unwrap(module).student
     if strategy == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -34,6 +36,11 @@ def export_student(module: nn.Module, path: Path, env: parallel.Env, tokenizer_d
     else:
         model = inner
     if env.is_main:
+        if dtype is not None and next(model.parameters()).dtype != dtype:
+            with torch.device("meta"):
+                cast = M.Transformer(model.args)
+            cast.load_state_dict({k: v.to(dtype) for k, v in model.state_dict().items()}, assign=True)
+            model = cast
         M.save_hf(model, path)
         copy_tokenizer(tokenizer_dir, path)
     parallel.barrier(env)

@@ -189,7 +189,7 @@ def build_data(cfg: Config, run_dir: Path, env: parallel.Env, out: Output):
     return packed, sampler
 
 
-def build_teachers(cfg: Config, packed, env: parallel.Env):
+def build_teachers(cfg: Config, packed, env: parallel.Env, mesh=None):
     """TeacherSet whose `names` follow the packed data's teacher indices (kd: every index is the one teacher)."""
     if cfg.subcommand == "sft":
         return None
@@ -205,7 +205,8 @@ def build_teachers(cfg: Config, packed, env: parallel.Env):
         names = list(packed.teacher_names)
     dtype = torch_dtype(t.dtype)
     # Stores must be captured from exactly this packing and k; the tokenizer was compared by content in preflight.
-    return build(specs, t.k, device=env.device, dtype=dtype, names=names, expected=expected_for(packed, t.k))
+    return build(specs, t.k, device=env.device, dtype=dtype, names=names, expected=expected_for(packed, t.k),
+                 mesh=mesh)
 
 
 def decay_groups(module: nn.Module, weight_decay: float) -> list[dict]:
@@ -248,7 +249,8 @@ def run(cfg: Config) -> Path:
     if cfg.subcommand not in TRAIN_SUBCOMMANDS:
         raise ValueError(f"train.loop.run handles {TRAIN_SUBCOMMANDS}, not {cfg.subcommand!r}; use train/main.py")
     shapes = preflight(cfg)  # config.json files only: fails fast, before any weights or data
-    env = parallel.init_distributed(cfg.run.device, cfg.parallel.timeout_s)
+    env = parallel.init_distributed(cfg.run.device, cfg.parallel.timeout_s,
+                                    group_of_one=cfg.parallel.strategy == "fsdp")
     try:
         return _run(cfg, env, shapes)
     finally:
@@ -272,10 +274,17 @@ def _run(cfg: Config, env: parallel.Env, shapes: dict) -> Path:
     out.info(f"{cfg.subcommand}: run dir {run_dir}, {env.world_size} process(es) on {env.device.type}, "
              f"strategy {strategy}" + (f", resuming from {resume_from}" if resume_from else ""))
 
+    compute = parallel.compute_dtype(cfg.parallel.mixed_precision, env.device)
+    mesh = None  # FSDP2's (1-D, or 2-D replicate x shard for HSDP); sharded teachers use its shard dimension
+    if strategy == "fsdp" or (env.distributed and any(t.shard for t in cfg.teachers.named.values())):
+        shard = parallel.shard_group_size(cfg.parallel.shard_group, env.world_size, env.local_world_size)
+        mesh = parallel.build_mesh(env.world_size, shard, env.device.type)
+        out.info(f"mesh: {dict(zip(mesh.mesh_dim_names, mesh.shape))}, compute dtype {compute or torch.float32}")
+
     with reraise_as(DataError):
         packed, sampler = build_data(cfg, run_dir, env, out)
     with reraise_as(ModelDirError, "teachers: "):  # a store's or an online teacher's directory
-        teachers = build_teachers(cfg, packed, env)
+        teachers = build_teachers(cfg, packed, env, parallel.shard_mesh(mesh) if mesh is not None else None)
     dtype = torch_dtype(cfg.model.dtype)
     # FSDP: built on the meta device and sharded first; the weights arrive after (materialize_from_rank0).
     with reraise_as(ModelDirError, "model.path: "):
@@ -287,10 +296,10 @@ def _run(cfg: Config, env: parallel.Env, shapes: dict) -> Path:
     aux_coef = cfg.loss.aux_coef if cfg.loss.aux_coef is not None else (
         student.args.moe.router_aux_loss_coef if student.args.moe else 0.0)
     settings = LossSettings(cfg.loss.kd_weight, cfg.loss.tau, cfg.loss.attn_weight, aux_coef)
-    module = StudentWithLoss(student, settings, teacher_args)
+    module = StudentWithLoss(student, settings, teacher_args, compute_dtype=compute)
     module = parallel.parallelize(module, student.layers, strategy=strategy,
                                   activation_checkpointing=cfg.parallel.activation_checkpointing,
-                                  compile=cfg.parallel.compile, env=env)
+                                  compile=cfg.parallel.compile, env=env, mesh=mesh, param_dtype=compute)
     if strategy == "fsdp":
         with reraise_as(ModelDirError, "model.path: "):
             parallel.materialize_from_rank0(
@@ -379,7 +388,8 @@ def _run(cfg: Config, env: parallel.Env, shapes: dict) -> Path:
         if cfg.checkpoint.every and step % cfg.checkpoint.every:
             save(step)
         if cfg.checkpoint.export_final:
-            export_student(module, run_dir / "final", env, cfg.data.tokenizer or cfg.model.path, strategy)
+            export_student(module, run_dir / "final", env, cfg.data.tokenizer or cfg.model.path, strategy,
+                           dtype=torch_dtype(shapes["student_dtype"]) if shapes.get("student_dtype") else None)
             out.info(f"final student: {run_dir / 'final'}")
         if teachers is not None:
             out.info(f"rows per teacher (all ranks): {parallel.sum_over_ranks(teachers.rows_seen)}")

@@ -62,27 +62,32 @@ class LossStats(NamedTuple):
 
 
 class StudentWithLoss(nn.Module):
-    def __init__(self, student: Transformer, loss: LossSettings, teacher_args=None):
+    """`compute_dtype`: bf16 runs the student's forward under autocast (every matmul, and through the MoE
+    layer's explicit cast the grouped GEMM too) and the LM head + loss on bf16 inputs; None: fp32 all through."""
+
+    def __init__(self, student: Transformer, loss: LossSettings, teacher_args=None,
+                 compute_dtype: torch.dtype | None = None):
         super().__init__()
         self.student, self.loss, self.teacher_args = student, loss, teacher_args
+        self.compute_dtype = compute_dtype
 
     def forward(self, tokens_BT, labels_BT, positions_BT, doc_ids_BT, ids_BTK, logprobs_BTK, normalizer,
                 aux_scale: float, teacher_qk=None, check_ids: bool = False,
                 doc_spans=None) -> tuple[torch.Tensor, LossStats]:
         """(loss to backpropagate, its detached LossStats). The LM head + CE + top-k KD run fused and chunked in
-        `kernels.linear_topk_kd_loss` (which picks Triton or torch itself); on CUDA the head runs in bf16, as
-        autocast would run an nn.Linear, but outside autocast, because the loss picks its own precisions (fp32
-        softmax statistics, fp32 dW accumulation)."""
+        `kernels.linear_topk_kd_loss` (which picks Triton or torch itself); under a bf16 compute dtype the head
+        runs in bf16, as autocast would run an nn.Linear, but outside autocast, because the loss picks its own
+        precisions (fp32 softmax statistics, fp32 dW accumulation)."""
         s, lo = self.student, self.loss
         attn = teacher_qk is not None
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if tokens_BT.is_cuda
-                    else contextlib.nullcontext())
+        dt = self.compute_dtype
+        autocast = (torch.autocast(tokens_BT.device.type, dtype=dt) if dt is not None else contextlib.nullcontext())
         with autocast, (capture_qk(s) if attn else contextlib.nullcontext()) as student_qk:
             hidden_BTD, aux = s.forward_with_aux(tokens_BT, positions_BT, doc_ids_BT, doc_spans=doc_spans)
         hidden_ND, weight_VD = hidden_BTD.reshape(-1, hidden_BTD.shape[-1]), s.output.weight
         N, K = hidden_ND.shape[0], ids_BTK.shape[-1]  # K = 0 for sft
-        if hidden_ND.is_cuda:
-            hidden_ND, weight_VD = hidden_ND.to(torch.bfloat16), weight_VD.to(torch.bfloat16)
+        if dt is not None:
+            hidden_ND, weight_VD = hidden_ND.to(dt), weight_VD.to(dt)
         with torch.autocast(hidden_ND.device.type, enabled=False):
             out = kernels.linear_topk_kd_loss(hidden_ND, weight_VD, labels_BT.reshape(N), ids_BTK.reshape(N, K),
                                               logprobs_BTK.reshape(N, K), tau=lo.tau, kd_weight=lo.kd_weight,
@@ -102,17 +107,26 @@ class StudentWithLoss(nn.Module):
 # The attention-transfer term (see the module docstring)
 
 
-def check_compatible(student_args, teacher_args) -> None:
-    """ValueError unless the two models' attention maps can be compared one to one."""
+def effective_window(sliding_window: int | None, seq_len: int) -> int:
+    """Keys a query can reach in a sequence of seq_len tokens: a window >= seq_len is no window at all."""
+    return seq_len if sliding_window is None else min(sliding_window, seq_len)
+
+
+def check_compatible(student_args, teacher_args, seq_len: int) -> None:
+    """ValueError unless the two models' attention maps can be compared one to one at sequences of seq_len
+    tokens. Windows are compared as they act: Mistral's 4096 and Mixtral's none are the same mask at
+    seq_len <= 4096 (the paper's pair)."""
     s, t = student_args, teacher_args
     if (s.n_layers, s.n_heads) != (t.n_layers, t.n_heads):
         raise ValueError(f"attention transfer needs the same layers and heads: student has {s.n_layers} layers x "
                          f"{s.n_heads} heads, teacher {t.n_layers} x {t.n_heads}; set loss.attn_weight=0 or "
                          f"use a teacher of the student's shape")
-    if s.sliding_window != t.sliding_window:
-        raise ValueError(f"attention transfer needs the same attention mask: student sliding_window="
-                         f"{s.sliding_window}, teacher {t.sliding_window} (a key the teacher sees and the student "
-                         f"cannot makes the KL infinite); set loss.attn_weight=0")
+    ws, wt = effective_window(s.sliding_window, seq_len), effective_window(t.sliding_window, seq_len)
+    if ws != wt:
+        raise ValueError(f"attention transfer needs the same attention mask: at seq_len {seq_len} the student "
+                         f"sees {ws} keys back (sliding_window={s.sliding_window}), the teacher {wt} "
+                         f"(sliding_window={t.sliding_window}); a key the teacher sees and the student cannot "
+                         f"makes the KL infinite; set loss.attn_weight=0 or data.seq_len <= {min(ws, wt)}")
 
 
 def _log_attention(q_BHTD, k_BGTD, mask_B1TT):
@@ -137,7 +151,6 @@ def attention_kl_sum(student_qk: list, teacher_qk: list, student_args, teacher_a
     """Σ over layers, heads and loss rows (labels != -100) of KL(A_T || A_S); differentiable w.r.t. the student's
     q and k. Divide by (loss rows x layers x heads) for the mean; the trainer divides by the optimizer step's
     global loss-token count instead, like the other terms."""
-    check_compatible(student_args, teacher_args)
     L = student_args.n_layers
     if len(student_qk) != L or len(teacher_qk) != L:
         raise ValueError(f"attention transfer: captured {len(student_qk)} student and {len(teacher_qk)} teacher "
@@ -147,12 +160,12 @@ def attention_kl_sum(student_qk: list, teacher_qk: list, student_args, teacher_a
         raise ValueError(f"attention transfer: student queries {(B, H, T)} vs teacher "
                          f"{tuple(teacher_qk[0][0].shape[:3])} (batch, heads, tokens); the teacher must run on "
                          f"exactly the student's rows")
+    check_compatible(student_args, teacher_args, T)
     dev = student_qk[0][0].device
     doc_BT = doc_ids_BT.to(dev) if doc_ids_BT is not None else torch.zeros(B, T, dtype=torch.long, device=dev)
     idx_T = torch.arange(T, device=dev)
-    mask_s = attention_mask(doc_BT, doc_BT, idx_T, idx_T, student_args.sliding_window)
-    mask_t = mask_s if teacher_args.sliding_window == student_args.sliding_window else \
-        attention_mask(doc_BT, doc_BT, idx_T, idx_T, teacher_args.sliding_window)
+    mask_s = attention_mask(doc_BT, doc_BT, idx_T, idx_T, effective_window(student_args.sliding_window, T))
+    mask_t = mask_s  # the same effective window (check_compatible)
     rows_BT = (labels_BT.to(dev) != -100).float()
     total = torch.zeros((), device=dev)
     for (q_s, k_s), (q_t, k_t) in zip(student_qk, teacher_qk):

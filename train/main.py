@@ -23,6 +23,7 @@ COMMANDS = {
     "upcycle": "turn a dense student into an MoE student (every expert a copy of the FFN)",
     "export": "a training checkpoint (run_dir/step-N/) to an HF safetensors directory",
     "eval": "evaluate models on held-out chat rows (train/eval.py; its own --help)",
+    "plan": "memory per GPU, step time and whether a kd/dae/sft config fits N nodes x G GPUs (no GPU, no weights)",
 }
 
 USAGE = """usage: torchrun --nproc_per_node N train/main.py SUBCOMMAND [--config FILE.toml] [--resume auto]
@@ -133,6 +134,9 @@ def _dispatch(cfg) -> None:
     elif sub == "export":
         from train.export import export
         export(cfg)
+    elif sub == "plan":
+        from train.plan import run_plan
+        run_plan(cfg)
 
 
 def _is_rank0() -> bool:

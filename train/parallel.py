@@ -28,6 +28,7 @@ class Env:
     local_rank: int
     device: torch.device
     owns_group: bool  # we opened the process group (and close it in `shutdown`)
+    local_world_size: int = 1  # ranks on this node (torchrun's LOCAL_WORLD_SIZE)
 
     @property
     def is_main(self) -> bool:
@@ -54,9 +55,11 @@ def collective_device() -> torch.device:
     return mesh_device() if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def init_distributed(device: str = "auto", timeout_s: int = 1800) -> Env:
+def init_distributed(device: str = "auto", timeout_s: int = 1800, group_of_one: bool = False) -> Env:
+    """`group_of_one`: open a process group even for a single process (FSDP2 on a 1-rank mesh needs one)."""
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
@@ -72,9 +75,13 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800) -> Env:
                                 timeout=datetime.timedelta(seconds=timeout_s),
                                 device_id=dev if dev.type == "cuda" else None)
         owns = True
+    elif world == 1 and group_of_one and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1, timeout=datetime.timedelta(seconds=timeout_s))
+        owns = True
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
-    return Env(rank, world, local_rank, dev, owns)
+    return Env(rank, world, local_rank, dev, owns, local_world)
 
 
 def shutdown(env: Env) -> None:
@@ -128,16 +135,73 @@ def resolve_strategy(strategy: str, env: Env) -> str:
         if env.world_size == 1:
             return "none"
         return "fsdp" if env.device.type == "cuda" else "ddp"
-    if strategy in ("fsdp", "ddp") and env.world_size == 1:
-        return "none"  # one process: nothing to shard or all-reduce; same numbers, no wrapper overhead
+    if strategy == "ddp" and env.world_size == 1:
+        return "none"  # one process: nothing to all-reduce; same numbers, no wrapper overhead
+    # fsdp with one process stays fsdp (a 1-rank mesh): the mixed-precision policy can be checked on one GPU
     if strategy == "none" and env.world_size > 1:
         raise ValueError(f"parallel.strategy=none with {env.world_size} processes would train {env.world_size} "
                          f"diverging copies; use fsdp or ddp (or auto)")
     return strategy
 
 
+def compute_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
+    """The dtype every matmul runs in: bf16 (fp32 master weights, fp32 gradient reduction) or None (fp32 all
+    through). auto: bf16 on CUDA, fp32 on the CPU (the reference path for correctness)."""
+    if mixed_precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"parallel.mixed_precision={mixed_precision!r}; use auto, bf16 or fp32")
+    if mixed_precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return torch.bfloat16 if mixed_precision == "bf16" else None
+
+
+def shard_group_size(setting: int, world: int, local_world: int) -> int:
+    """Ranks that shard one copy of the model (FSDP2); world // it copies are replicated (HSDP). 0 = auto: the
+    node's ranks when there are several nodes (parameter all-gathers then stay on NVLink, and only the once-per-
+    step gradient all-reduce crosses the network), else every rank."""
+    if setting < 0:
+        raise ValueError(f"parallel.shard_group={setting}; use 0 (auto) or a divisor of the world size ({world})")
+    size = setting or (local_world if 1 < local_world < world else world)
+    if world % size:
+        raise ValueError(f"parallel.shard_group={size} does not divide the world size {world}; use a divisor of "
+                         f"{world} (e.g. the GPUs per node, {local_world}) or 0 (auto)")
+    return size
+
+
+def build_mesh(world: int, shard_size: int, device_type: str):
+    """1-D mesh ("shard",) when one group shards over every rank, else 2-D ("replicate", "shard"): HSDP, rows
+    of `shard_size` consecutive ranks (one node under torchrun's rank order). Built outside any FakeTensorMode."""
+    from torch.distributed.device_mesh import init_device_mesh
+    if shard_size == world:
+        return init_device_mesh(device_type, (world,), mesh_dim_names=("shard",))
+    return init_device_mesh(device_type, (world // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
+
+
+def world_mesh():
+    """A 1-D mesh over every rank of the default group."""
+    return build_mesh(dist.get_world_size(), dist.get_world_size(), mesh_device().type)
+
+
+def shard_mesh(mesh):
+    """The mesh dimension that shards (a sharded teacher uses it alone: one copy per node under HSDP)."""
+    return mesh if mesh.ndim == 1 else mesh["shard"]
+
+
+def expert_placement(shard_size: int):
+    """FSDP2 `shard_placement_fn`: stacked expert tensors ([E, 2F, D], [E, D, F]) are sharded on dim 1 when E does not
+    divide evenly over the shard group and dim 1 does (torchtitan's rule). On dim 0, 2 experts over 8
+    ranks would leave ranks 0-1 each one whole expert of every layer (32 x 3 x 4096 x 14336 = 5.6 B parameters,
+    ~90 GB with fp32 gradients and AdamW state) and the other six ranks padding."""
+    from torch.distributed.tensor import Shard
+
+    def place(param):
+        if param.ndim == 3 and param.shape[0] % shard_size and param.shape[1] % shard_size == 0:
+            return Shard(1)
+        return Shard(0)
+    return place
+
+
 def parallelize(module: nn.Module, blocks: nn.ModuleList, *, strategy: str, activation_checkpointing: bool,
-                compile: bool, env: Env) -> nn.Module:
+                compile: bool, env: Env, mesh=None, param_dtype: torch.dtype | None = None) -> nn.Module:
     """Wrap the trainable `module` (whose transformer blocks are `blocks`) in place order:
 
     1. Activation checkpointing, per block: the block's activations are recomputed in the backward. First, so
@@ -148,6 +212,12 @@ def parallelize(module: nn.Module, blocks: nn.ModuleList, *, strategy: str, acti
     3. Data parallelism, last, around the result: FSDP2 `fully_shard` on every block, then on the root (which
        takes the embeddings, final norm and LM head: all-gathered once per forward and kept until the
        backward, since the fused loss uses the head inside the root's forward); or DDP around everything.
+       FSDP2 on `mesh` (1-D: FSDP; 2-D: HSDP), experts placed by `expert_placement`; with `param_dtype` bf16
+       the all-gathered parameters are bf16 (7B: 14.5 GB per gather instead of 29), master weights and
+       optimizer state stay in the parameters' dtype (fp32) and gradients are reduced in fp32. Forward inputs
+       are not cast (cast_forward_inputs=False): the loss normaliser and teacher log-probs must stay fp32;
+       the residual stream is bf16 because the embedding's parameters are. DDP / none get bf16 from autocast
+       (train/loss.py), fp32 masters likewise.
 
     Gradient reduction averages over ranks in both FSDP and DDP; the trainer's loss is already normalised
     by the loss-token count of all ranks, so the train step multiplies the loss by the world size instead.
@@ -160,10 +230,15 @@ def parallelize(module: nn.Module, blocks: nn.ModuleList, *, strategy: str, acti
         for block in blocks:
             block.compile()  # in place: module names and state-dict keys unchanged
     if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        if mesh is None:
+            mesh = world_mesh()
+        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None,
+                                  cast_forward_inputs=False)
+        place = expert_placement(shard_mesh(mesh).size())
         for block in blocks:
-            fully_shard(block)
-        fully_shard(module)
+            fully_shard(block, mesh=mesh, mp_policy=mp, shard_placement_fn=place)
+        fully_shard(module, mesh=mesh, mp_policy=mp, shard_placement_fn=place)
     elif strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
         module = DDP(module, device_ids=[env.device.index] if env.device.type == "cuda" else None,
@@ -189,14 +264,19 @@ def materialize_from_rank0(module: nn.Module, load_full_state, device: torch.dev
 
 @contextlib.contextmanager
 def grad_sync(module: nn.Module, enabled: bool):
-    """Gradient reduction on (the last micro-batch of a step) or off (the others accumulate locally)."""
+    """Gradient reduction of one micro-batch: `enabled` on the last of a step.
+
+    DDP: no_sync on the others (its gradients are whole on every rank anyway). FSDP2: every micro-batch is
+    reduce-scattered into the sharded fp32 gradient (torchtitan's way): set_requires_gradient_sync(False) would
+    keep the whole unsharded gradient on every rank until the last one, +29 GB per rank for a 7B in fp32.
+    HSDP: only the all-reduce across replicas (the inter-node one) waits for the last micro-batch."""
     from torch.nn.parallel import DistributedDataParallel as DDP
     if isinstance(module, DDP) and not enabled:
         with module.no_sync():
             yield
         return
-    if hasattr(module, "set_requires_gradient_sync"):  # FSDP2
-        module.set_requires_gradient_sync(enabled)
+    if hasattr(module, "set_requires_all_reduce"):  # FSDP2: a no-op on a 1-D mesh
+        module.set_requires_all_reduce(enabled)
     yield
 
 

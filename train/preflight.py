@@ -18,9 +18,9 @@ from train.loss import check_compatible
 from train.teachers.store import tokenizer_sha256
 
 
-def read_model_args(path: str, what: str):
-    """The ModelArgs of an HF model directory from its config.json alone (the one reader of it): present, valid
-    JSON, complete, no remote code. `what` names the setting that pointed there."""
+def read_config_json(path: str, what: str) -> dict:
+    """An HF model directory's config.json as a dict (the one reader of it): present and valid JSON. `what`
+    names the setting that pointed there."""
     d = Path(path)
     if not d.is_dir():
         raise ModelDirError(f"{what}={str(path)!r}: no such directory (cwd {os.getcwd()}); point it at an HF model "
@@ -29,11 +29,17 @@ def read_model_args(path: str, what: str):
     if not cfg_file.is_file():
         raise ModelDirError(f"{what}={str(path)!r} has no config.json; point it at an HF model directory")
     try:
-        cfg = json.loads(cfg_file.read_text())
+        return json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelDirError(f"{cfg_file}: not valid JSON ({e}); copy config.json again") from None
+
+
+def read_model_args(path: str, what: str):
+    """The ModelArgs of an HF model directory from its config.json alone: complete, no remote code."""
     try:
-        return args_from_config(cfg, where=str(cfg_file))
+        return args_from_config(read_config_json(path, what), where=str(Path(path) / "config.json"))
+    except ModelDirError:
+        raise
     except ValueError as e:
         raise ModelDirError(str(e)) from None
 
@@ -106,6 +112,14 @@ def check_data_paths(paths, packed: str) -> None:
                           "PackedDataset was saved to, or use data.paths")
 
 
+def read_model_dtype(path: str) -> str | None:
+    """The dtype an HF directory's config.json declares (`torch_dtype`, or `dtype` in transformers 5), if one of
+    ours (float32 / bfloat16 / float16); the final export is written in it."""
+    cfg = read_config_json(path, "model.path")
+    name = cfg.get("torch_dtype") or cfg.get("dtype")
+    return name if name in ("float32", "bfloat16", "float16") else None
+
+
 def check_store(store: str, name: str, vocab_size: int, cfg: Config, tok_dir: str) -> None:
     """A top-k store against the run, from its manifest.json alone."""
     mf = Path(store) / "manifest.json"
@@ -170,7 +184,7 @@ def preflight(cfg: Config) -> dict:
         if cfg.loss.attn_weight > 0:
             (name,) = cfg.teachers.named
             try:
-                check_compatible(student, teachers[name])
+                check_compatible(student, teachers[name], cfg.data.seq_len)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
-    return {"student": student, "teachers": teachers}
+    return {"student": student, "teachers": teachers, "student_dtype": read_model_dtype(cfg.model.path)}

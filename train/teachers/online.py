@@ -24,13 +24,19 @@ def shard_teacher(model: Transformer, mesh=None) -> Transformer:
     rank holds 1/W of the teacher plus one block), the LM head its own unit (OnlineTeacher gathers it once per
     batch around the chunk loop with unshard()/reshard()), then the root (embeddings and final norm).
     Every rank must then call the teacher the same number of times: TeacherSet and capture keep them in step.
+    `mesh`: the ranks that share one copy (under HSDP the node's: train.parallel.shard_mesh); default: all.
+    Experts are placed as the student's are (train.parallel.expert_placement): Mixtral's 8 experts over 32
+    ranks on dim 0 would pad 8 expert slots to 32.
     """
     from torch.distributed.fsdp import fully_shard
 
+    if mesh is None:
+        mesh = parallel.world_mesh()
+    place = parallel.expert_placement(mesh.size())
     for layer in model.layers:
-        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
-    fully_shard(model.output, mesh=mesh, reshard_after_forward=True)
-    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True, shard_placement_fn=place)
+    fully_shard(model.output, mesh=mesh, reshard_after_forward=True, shard_placement_fn=place)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True, shard_placement_fn=place)
     return model
 
 
@@ -46,7 +52,7 @@ class OnlineTeacher:
 
     @classmethod
     def load(cls, path, k: int, device="cpu", dtype: torch.dtype | None = None, shard: bool = False,
-             chunk_rows: int | None = None) -> "OnlineTeacher":
+             chunk_rows: int | None = None, mesh=None) -> "OnlineTeacher":
         """Load an HF directory with `load_hf`, freeze it (no grad, eval) and, when `shard` and a process group
         is initialised, shard it with FSDP2: built on the meta device and sharded, then given its weights by
         rank 0, which alone reads the whole teacher into host memory (train.parallel.materialize_from_rank0);
@@ -57,7 +63,7 @@ class OnlineTeacher:
         model = load_hf(path, dtype=dtype, device="meta" if shard else device)
         model.requires_grad_(False).eval()
         if shard:
-            shard_teacher(model)
+            shard_teacher(model, mesh)
             parallel.materialize_from_rank0(model, lambda: load_hf(path, dtype=dtype, device="cpu").state_dict(),
                                    parallel.mesh_device())
         return cls(model, k, sharded=shard, chunk_rows=chunk_rows)
@@ -185,18 +191,19 @@ class TeacherSet:
 
 def build_teachers(specs: dict, k: int, device="cpu", dtype: torch.dtype | None = None,
                    names: list[str] | None = None, expected: dict | None = None,
-                   chunk_rows: int | None = None) -> TeacherSet:
+                   chunk_rows: int | None = None, mesh=None) -> TeacherSet:
     """A TeacherSet from `{name: TeacherSpec | dict}`. Online teachers are loaded with `load_hf` and frozen (bf16
     on CUDA, fp32 on CPU unless `dtype`); offline ones open their store with `StoreReader(store, expected)`,
     which refuses a store made with another tokenizer, packing, dataset or K (`k` is added to `expected`).
-    `names`: the run's ordered teacher names that batch.teacher_B indexes (default: the order of `specs`)."""
+    `names`: the run's ordered teacher names that batch.teacher_B indexes (default: the order of `specs`);
+    `mesh`: the ranks a sharded teacher is sharded over (default: all)."""
     sources = {}
     for name, spec in specs.items():
         if isinstance(spec, dict):
             spec = TeacherSpec(**spec)
         if spec.path is not None:
             sources[name] = OnlineTeacher.load(spec.path, k, device=device, dtype=dtype, shard=spec.shard,
-                                               chunk_rows=chunk_rows)
+                                               chunk_rows=chunk_rows, mesh=mesh)
         else:
             reader = StoreReader(spec.store, {**(expected or {}), "k": k}, device=device)
             if reader.rows_of not in (None, name):
