@@ -1,4 +1,4 @@
-"""train/data.py and train/demo_data.py: masks token by token, template equality, packing, sampler, bad input,
+"""train/data.py and train/demo/corpus.py: masks token by token, template equality, packing, sampler, bad input,
 the demo corpus and tokenizer. Built on a small demo corpus and its tokenizer (made once per session)."""
 import json
 from pathlib import Path
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from train import data as D
-from train import demo_data as DD
+from train.demo import corpus as DD
 from train.data.chat import _fold_system
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from train import demo
-from train import demo_data as DD
+from train.demo import corpus as DD
 
 
 def _metrics(general, domain):

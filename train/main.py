@@ -89,7 +89,7 @@ def _main(argv: list[str]) -> int:
     if not argv or (argv[0].startswith("--") and argv[0] != "--help"
                     and not argv[0].startswith(("--config", "--resume"))):  # the demo, with its own flags
         if importlib.util.find_spec("train.demo") is None:
-            print("The demo (train/demo.py) is not in this checkout yet. Run a subcommand instead:\n\n" + USAGE)
+            print("The demo (train/demo/) is not in this checkout yet. Run a subcommand instead:\n\n" + USAGE)
             return 0
         from train import demo
         return demo.main(argv) or 0

@@ -447,6 +447,7 @@ def train_tokenizer(corpus_paths, out_dir, vocab_size: int = 2000, seed: int = 0
     here with fixed key order, so identical inputs give byte-identical files (same `tokenizers` version).
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
     from train.data import MISTRAL_CHAT_TEMPLATE
 
     if isinstance(corpus_paths, (str, Path)):
