@@ -58,3 +58,16 @@ def test_tensorboard_missing_package_is_a_clear_error(tmp_path, monkeypatch):
     out = Output(tmp_path, active=True, every=1, progress=False, total=1, start=0, tensorboard=True)
     with pytest.raises(ImportError, match="pip install tensorboard"):
         out.open_files()
+
+
+def test_fast_paths_names_versions_and_the_cpu_fallbacks():
+    import torch
+
+    from model import ModelArgs, MoEArgs
+    from train.metrics import fast_paths
+    args = ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=48, vocab_size=64,
+                     moe=MoEArgs(num_experts=2, num_experts_per_tok=2))
+    text = fast_paths(torch.device("cpu"), None, args)
+    assert f"torch {torch.__version__}" in text and "triton" in text
+    assert "packed attention: dense-mask SDPA" in text and "the CPU path" in text
+    assert "torch twins (the CPU path) (MoE student, 2 experts)" in text and "precision: fp32" in text

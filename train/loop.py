@@ -44,7 +44,7 @@ from train.data import IGNORE
 from train.data.prepare import build_packed
 from train.export import export_student
 from train.loss import LossSettings, LossStats, StudentWithLoss
-from train.metrics import Output, flops_per_token, peak_flops, peak_memory_gb
+from train.metrics import Output, fast_paths, flops_per_token, peak_flops, peak_memory_gb
 from train.preflight import preflight
 from train.teachers import expected_for
 
@@ -280,6 +280,7 @@ def _run(cfg: Config, env: parallel.Env, shapes: dict) -> Path:
         shard = parallel.shard_group_size(cfg.parallel.shard_group, env.world_size, env.local_world_size)
         mesh = parallel.build_mesh(env.world_size, shard, env.device.type)
         out.info(f"mesh: {dict(zip(mesh.mesh_dim_names, mesh.shape))}, compute dtype {compute or torch.float32}")
+    out.info(fast_paths(env.device, compute, shapes["student"]))
 
     with reraise_as(DataError):
         packed, sampler = build_data(cfg, run_dir, env, out)

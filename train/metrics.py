@@ -171,3 +171,32 @@ def flops_per_token(args, seq_len: int, train: bool) -> float:
     params = L * (D * Dh * (2 * H + 2 * G) + ffn) + V * D
     attn = 12 * L * H * Dh * seq_len
     return 6 * params + attn if train else (2 * params + attn / 3)
+
+
+def fast_paths(device: torch.device, compute_dtype, student_args) -> str:
+    """The run log's statement of this torch: versions, and for each fast path whether it is in use here or which
+    fallback is (a cluster's torch is not CI's: 2.13 here, 2.11 on the lent GPU image)."""
+    import kernels
+    from model import attention
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    cuda = device.type == "cuda"
+    dtype = compute_dtype or torch.float32
+    gqa = student_args.n_heads != student_args.n_kv_heads
+    attn = attention.pick_path(cuda, dtype, gqa, host_spans=True)
+    attn_text = {"varlen": "varlen attention from host-built document spans",
+                 "flex": "compiled FlexAttention with a document block mask",
+                 "dense": "dense-mask SDPA (the twin; T x T mask" + (", no fast path in this torch)" if cuda else
+                                                                      ", the CPU path)")}[attn]
+    on_triton = kernels.use_triton(torch.empty(0, device=device))
+    kernel_text = "Triton" if on_triton else f"torch twins ({'DISTILL_KERNELS=torch' if cuda else 'the CPU path'})"
+    lines = [f"torch {torch.__version__}, triton {triton_version}, device {device}",
+             f"  packed attention: {attn_text}",
+             f"  routing / grouped GEMM / fused KD loss: {kernel_text}"
+             + ("" if student_args.moe is None else f" (MoE student, {student_args.moe.num_experts} experts)"),
+             f"  precision: {'bf16 compute, fp32 master weights and gradient reduction' if compute_dtype else 'fp32'}",
+             "  expert-parallel all-to-all: not in this version (teachers run replicated, sharded or from a store)"]
+    return "\n".join(lines)
