@@ -179,23 +179,43 @@ L.run(make_config("kd", sys.argv[1], sys.argv[2:]))
 """
 
 
+SLOW_WRITE = """
+from torch.distributed.checkpoint import FileSystemWriter
+orig_write = FileSystemWriter.write_data
+def write_data(self, *a, **k):  # the step-4 checkpoint's shards never finish: its async save is in flight
+    if str(self.path).endswith(".tmp-step-4"):
+        import time; time.sleep(600)
+    return orig_write(self, *a, **k)
+FileSystemWriter.write_data = write_data
+"""
+
+
 def test_sigkill_then_resume_equals_uninterrupted(world, tmp_path):
+    """SIGKILL at the start of step 5, after the step-4 save started. Synchronous saves: step-4/ is complete.
+    Async saves (the default), with step-4's write held in flight: step-2/ is the newest complete checkpoint,
+    .tmp-step-4/ has no DCP index yet. Either way `--resume auto` repeats the uninterrupted run's losses."""
     kw = {"checkpoint.every": 2, "data.grad_accum": 2}
     ref = L.run(cfg_for(world, tmp_path / "ref", steps=6, **kw))
-    toml = write_toml(tmp_path / "run.toml", base_overrides(world, tmp_path / "killed", steps=6, **kw))
-    run_script(tmp_path, KILL_AT_STEP, [str(toml)], expect_rc=-signal.SIGKILL,
-               env_extra={"KILL_AT": "5", "SIG": "SIGKILL"})
-    killed = tmp_path / "killed"
-    assert [p.name for p in ckpt.complete_checkpoints(killed)] == ["step-2", "step-4"]
-    assert not (killed / "final").exists()
-    with pytest.raises(ConfigError, match="resume auto"):  # a fresh start would mix two runs in one dir
-        L.run(cfg_for(world, killed, steps=6, **kw))
-    L.run(cfg_for(world, killed, steps=6, **kw, **{"checkpoint.resume": "auto"}))
-    a, b = losses(ref), losses(killed)
-    assert len(b) == 6 and np.allclose(a, b, rtol=1e-6, atol=0), (a, b)
-    assert [p.name for p in ckpt.complete_checkpoints(killed)] == ["step-4", "step-6"]  # keep = 2
-    wa, wb = load_hf(ref / "final"), load_hf(killed / "final")
-    assert all(torch.allclose(p, q, rtol=1e-5, atol=1e-7) for p, q in zip(wa.parameters(), wb.parameters()))
+    for async_save, complete in ((False, ["step-2", "step-4"]), (True, ["step-2"])):
+        killed = tmp_path / f"killed-{async_save}"
+        toml = write_toml(tmp_path / "run.toml", base_overrides(world, killed, steps=6, **kw,
+                                                                **{"checkpoint.async_save": async_save}))
+        run_script(tmp_path, (SLOW_WRITE if async_save else "") + KILL_AT_STEP, [str(toml)],
+                   expect_rc=-signal.SIGKILL, env_extra={"KILL_AT": "5", "SIG": "SIGKILL"})
+        assert [p.name for p in ckpt.complete_checkpoints(killed)] == complete
+        assert (killed / ".tmp-step-4").is_dir() is async_save and not (killed / ".tmp-step-4" / ".metadata").exists()
+        assert not (killed / "final").exists()
+        if not async_save:
+            with pytest.raises(ConfigError, match="resume auto"):  # a fresh start would mix two runs in one dir
+                L.run(cfg_for(world, killed, steps=6, **kw))
+        L.run(cfg_for(world, killed, steps=6, **kw, **{"checkpoint.resume": "auto",
+                                                       "checkpoint.async_save": async_save}))
+        a, b = losses(ref), losses(killed)
+        assert len(b) == 6 and np.allclose(a, b, rtol=1e-6, atol=0), (async_save, a, b)
+        assert [p.name for p in ckpt.complete_checkpoints(killed)] == ["step-4", "step-6"]  # keep = 2
+        assert not list(killed.glob(".tmp-*"))
+        wa, wb = load_hf(ref / "final"), load_hf(killed / "final")
+        assert all(torch.allclose(p, q, rtol=1e-5, atol=1e-7) for p, q in zip(wa.parameters(), wb.parameters()))
 
 
 def test_sigterm_saves_complete_checkpoint_and_stops(world, tmp_path, monkeypatch):
@@ -565,7 +585,7 @@ L.run(make_config("kd", sys.argv[1], sys.argv[2:]))
 
 @pytest.mark.slow
 def test_crash_mid_save_keeps_previous_checkpoint(world, tmp_path):
-    kw = {"checkpoint.every": 2}
+    kw = {"checkpoint.every": 2, "checkpoint.async_save": False}  # the kill is in the synchronous dcp.save
     ref = L.run(cfg_for(world, tmp_path / "ref", steps=6, **kw))
     toml = write_toml(tmp_path / "run.toml", base_overrides(world, tmp_path / "run", steps=6, **kw))
     run_script(tmp_path, KILL_IN_SAVE, [str(toml)], expect_rc=-signal.SIGKILL)

@@ -8,10 +8,22 @@ Layout of one checkpoint, `run_dir/step-N/`:
                                       skip counters, teacher row counters, world size (written by rank 0)
     rank<r>.json                      each rank's torch / CUDA / numpy / Python RNG states and its own counters
 
-Atomic: every rank writes into `run_dir/.tmp-step-N/`; after a barrier rank 0 fsyncs and renames it to
-`step-N/`, the one step that makes a checkpoint visible. A crash mid-save leaves a `.tmp-*` directory, which
-`latest()` never returns and the next save or resume deletes; the previous `step-M/` is untouched. Only then
-are checkpoints beyond the newest `keep` deleted.
+Atomic: every rank writes into `run_dir/.tmp-step-N/`; once every rank's write has finished, rank 0 lists the
+files with their sizes in trainer_state.json, fsyncs and renames the directory to `step-N/`, the one step that
+makes a checkpoint visible. A crash mid-save leaves a `.tmp-*` directory, which `latest()` never returns and the
+next save or resume deletes; the previous `step-M/` is untouched. Only then are checkpoints beyond the newest
+`keep` deleted.
+
+Asynchronous (`Saver`, checkpoint.async_save, the default): `dcp.async_save` first stages the model and AdamW
+state into host memory (a synchronous copy, so the next optimizer step may mutate the live tensors; it costs
+one host copy of each rank's state: its shards of the parameters and both moments, about 1/ranks of the
+checkpoint, e.g. 87 GB / 8 for a 7B on 8 GPUs), then writes the files from a background thread while training
+goes on; the thread's collectives run on a gloo group of their own (`parallel.checkpoint_group`). At most one
+save is in flight: the loop polls it after each step (one small all-reduce while a save is pending) and
+commits it (the rename above) once every rank's write has finished; it also waits for it before the next save,
+before the final export and on SIGTERM/normal exit. The JSON files are small: rank<r>.json is written when the
+save starts (the RNG states of that step), trainer_state.json at commit. A crash before the commit leaves the
+previous checkpoint as the newest complete one.
 
 No pickle is written or executed from the data: DCP gets tensors only (optimizer hyper-parameters go to
 JSON, since DCP would pickle them), and DCP's own `.metadata` index (a pickle by design) is read with an
@@ -36,7 +48,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict)
 
-from train.parallel import Env, barrier
+from train.parallel import Env, all_ranks, barrier, checkpoint_group
 
 _STEP_RE = re.compile(r"step-(\d+)")
 STATE_FILE = "trainer_state.json"
@@ -167,36 +179,99 @@ def _json_groups(groups: list) -> list:
     return [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in groups]
 
 
+def _quiet_single_process() -> None:
+    """One process without a process group: DCP warns that it saves without a group, as intended (async saves
+    warn from their background thread, where a `warnings.catch_warnings` block would not reach)."""
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized",
+                            category=UserWarning)
+
+
+class Saver:
+    """Writes `run_dir/step-N/` checkpoints (module doc), asynchronously when `async_save`; every rank must make
+    the same calls at the same steps (`save`, `poll`, `finish`), each of which returns the path of a checkpoint
+    it committed, else None.
+
+    `async_save` relies on DCP's staging for the snapshot: `dcp.async_save` returns once the state is copied to
+    host memory (one host copy of this rank's state), so the caller may step the optimizer right after. Without
+    a process group (one process) DCP saves with `no_dist` from its thread all the same."""
+
+    def __init__(self, run_dir, env: Env, keep: int, async_save: bool = True):
+        self.run_dir, self.env, self.keep, self.async_save = Path(run_dir), env, keep, async_save
+        self._group = checkpoint_group(env) if async_save else None
+        self._pending = None  # (future, step, trainer_state) of the save in flight
+        if not env.distributed:
+            _quiet_single_process()
+
+    def save(self, step: int, module, optimizer, trainer_state: dict, rank_state: dict) -> Path | None:
+        """Start saving the current state as step-<step>/ (first finishing the one in flight). trainer_state:
+        rank 0's (global) state; rank_state: this rank's own (e.g. how many rows its teachers saw)."""
+        committed = self.finish()
+        tmp = self.run_dir / f".tmp-step-{step}"
+        if self.env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier(self.env)
+        osd = get_optimizer_state_dict(module, optimizer)
+        tensors = {"model": get_model_state_dict(module), "optim": osd["state"]}
+        # JSON round trip: a snapshot of the counters and sampler state, which the loop goes on mutating
+        state = json.loads(json.dumps({**trainer_state, "step": step, "world_size": self.env.world_size,
+                                       "param_groups": _json_groups(osd["param_groups"])}))
+        (tmp / f"rank{self.env.rank}.json").write_text(json.dumps({**rank_state, "rng": rng_state()}))
+        if self.async_save:
+            future = dcp.async_save(tensors, checkpoint_id=tmp, process_group=self._group,
+                                    no_dist=not self.env.distributed)
+            self._pending = (getattr(future, "upload_completion", future), step, state)  # a Future, or a response
+            return committed
+        dcp.save(tensors, checkpoint_id=tmp, no_dist=not self.env.distributed)
+        self._pending = (None, step, state)
+        return self.finish() or committed
+
+    def poll(self) -> Path | None:
+        """Commit the save in flight if every rank's write has finished (a collective while one is pending)."""
+        if self._pending is None:
+            return None
+        future = self._pending[0]
+        if not all_ranks(future is None or future.done()):
+            return None
+        return self.finish()
+
+    def finish(self) -> Path | None:
+        """Wait for the save in flight (if any) and commit it: trainer_state.json, fsync, rename, prune."""
+        if self._pending is None:
+            return None
+        future, step, state = self._pending
+        self._pending = None
+        if future is not None:
+            future.result()  # a failed write raises here: the .tmp- directory stays, the last checkpoint holds
+        barrier(self.env)
+        final, tmp = self.run_dir / f"step-{step}", self.run_dir / f".tmp-step-{step}"
+        if self.env.is_main:
+            state["files"] = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()}
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+            _fsync_tree(tmp)
+            if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)
+                shutil.rmtree(final)
+            tmp.rename(final)
+            for old in complete_checkpoints(self.run_dir)[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier(self.env)
+        return final
+
+    def abandon(self) -> None:
+        """On an error: let one process's write end without committing it (the `.tmp-` directory is deleted by
+        the next run). Under a process group it is left alone: waiting on a peer that may have died could hang."""
+        if self._pending is not None and self._pending[0] is not None and not self.env.distributed:
+            try:
+                self._pending[0].result()
+            except Exception:  # noqa: BLE001 - the run is already failing with its own error
+                pass
+        self._pending = None
+
+
 def save(run_dir, step: int, module, optimizer, trainer_state: dict, rank_state: dict, env: Env,
          keep: int) -> Path:
-    """Write `run_dir/step-<step>/` atomically (module doc); every rank must call it. trainer_state: rank 0's
-    (global) state; rank_state: this rank's own (e.g. how many rows its teachers saw)."""
-    run_dir = Path(run_dir)
-    final, tmp = run_dir / f"step-{step}", run_dir / f".tmp-step-{step}"
-    if env.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier(env)
-    osd = get_optimizer_state_dict(module, optimizer)
-    tensors = {"model": get_model_state_dict(module), "optim": osd["state"]}
-    with warnings.catch_warnings():  # one process: DCP warns that it saves without a group, as intended
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.save(tensors, checkpoint_id=tmp, no_dist=not env.distributed)
-    (tmp / f"rank{env.rank}.json").write_text(json.dumps({**rank_state, "rng": rng_state()}))
-    barrier(env)
-    if env.is_main:
-        state = {**trainer_state, "step": step, "world_size": env.world_size,
-                 "param_groups": _json_groups(osd["param_groups"]),
-                 "files": {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()}}
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
-        _fsync_tree(tmp)
-        if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)
-            shutil.rmtree(final)
-        tmp.rename(final)
-        for old in complete_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier(env)
-    return final
+    """Write `run_dir/step-<step>/` synchronously (module doc); every rank must call it."""
+    return Saver(run_dir, env, keep, async_save=False).save(step, module, optimizer, trainer_state, rank_state)
 
 
 def load(path, module, optimizer, env: Env) -> tuple[dict, dict]:

@@ -143,6 +143,8 @@ class CheckpointConfig:
                          "is none); a step-N/ path: from that one; empty: fresh run")
     export_final: bool = _f(True, "write the final student to run_dir/final/ (HF safetensors), in the dtype of "
                                   "model.path's config.json")
+    async_save: bool = _f(True, "write checkpoints from a background thread (DCP async_save): the step waits only "
+                                "for a copy of the state to host memory (one per rank); false: write in the step")
 
 
 @dataclass

@@ -338,11 +338,16 @@ def _run(cfg: Config, env: parallel.Env, shapes: dict) -> Path:
                 step_flops += flops_per_token(shapes["teachers"][name], cfg.data.seq_len, train=False) * seq_tokens
     stop = StopFlag()
 
+    saver = ckpt.Saver(run_dir, env, cfg.checkpoint.keep, cfg.checkpoint.async_save)
+
+    def committed(path):  # a checkpoint becomes visible when its write has finished on every rank
+        if path is not None:
+            out.info(f"checkpoint: {path}")
+
     def save(step):
         trainer_state = {"sampler": sampler.state_dict(), "counters": counters}
         rank_state = {"rows_seen": dict(teachers.rows_seen) if teachers is not None else {}}
-        path = ckpt.save(run_dir, step, module, optimizer, trainer_state, rank_state, env, cfg.checkpoint.keep)
-        out.info(f"checkpoint: {path}")
+        committed(saver.save(step, module, optimizer, trainer_state, rank_state))
 
     step, stopped = start, False
     try:
@@ -371,23 +376,30 @@ def _run(cfg: Config, env: parallel.Env, shapes: dict) -> Path:
                 "skipped": counters["skipped"], "peak_mem_gb": peak_memory_gb(env.device),
                 "mfu": step_flops / dt / peak_all if peak_all else None,
             }, force=step == cfg.schedule.steps)
+            committed(saver.poll())
             if counters["bad_in_a_row"] >= o.max_bad_steps:
+                committed(saver.finish())  # the save in flight holds a finite state: keep it
                 raise DivergedError(f"{counters['bad_in_a_row']} non-finite steps in a row (optim.max_bad_steps="
                                    f"{o.max_bad_steps}); stopping with the last checkpoint intact. Lower optim.lr, "
                                    f"check the data, or resume from the checkpoint")
             if s["stop"] > 0:
                 out.info(f"signal received: saving at step {step} and exiting")
                 save(step)
+                committed(saver.finish())
                 stopped = True
                 break
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
                 save(step)
+    except BaseException:
+        saver.abandon()
+        raise
     finally:
         stop.restore()
         out.close_bar()
     if not stopped:
         if cfg.checkpoint.every and step % cfg.checkpoint.every:
             save(step)
+        committed(saver.finish())  # before the export (and the end of the run): the last checkpoint is complete
         if cfg.checkpoint.export_final:
             export_student(module, run_dir / "final", env, cfg.data.tokenizer or cfg.model.path, strategy,
                            dtype=torch_dtype(shapes["student_dtype"]) if shapes.get("student_dtype") else None)

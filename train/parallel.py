@@ -130,6 +130,22 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
+def all_ranks(flag: bool) -> bool:
+    """True if `flag` holds on every rank (e.g. every rank's background checkpoint write has finished). Host sync."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([int(flag)], device=collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def checkpoint_group(env: Env):
+    """A gloo group of every rank for DCP's async save: its background thread's collectives (plan gather, the
+    final barrier) run there, off the training group (NCCL, or the gloo group the main thread uses on the CPU).
+    None without a process group (DCP then saves with no_dist). Every rank must call it."""
+    return dist.new_group(backend="gloo") if env.distributed else None
+
+
 def resolve_strategy(strategy: str, env: Env) -> str:
     if strategy == "auto":
         if env.world_size == 1:
