@@ -123,19 +123,19 @@ def sum_over_ranks(counts: dict[str, int]) -> dict[str, int]:
 
 def any_rank(flag: bool) -> bool:
     """True if `flag` holds on any rank (a sharded teacher needs every rank in each forward). Host sync."""
-    if not is_distributed():
-        return flag
-    t = torch.tensor([int(flag)], device=collective_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return _reduce_flag(flag, dist.ReduceOp.MAX)
 
 
 def all_ranks(flag: bool) -> bool:
     """True if `flag` holds on every rank (e.g. every rank's background checkpoint write has finished). Host sync."""
+    return _reduce_flag(flag, dist.ReduceOp.MIN)
+
+
+def _reduce_flag(flag: bool, op) -> bool:
     if not is_distributed():
         return flag
     t = torch.tensor([int(flag)], device=collective_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    dist.all_reduce(t, op=op)
     return bool(t.item())
 
 

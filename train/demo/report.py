@@ -253,10 +253,7 @@ def plot_families(mean: dict, families: list, path: Path) -> bool:
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8, ncol=4)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)
 
 
 def plot_loss_curves(runs: dict, path: Path) -> bool:
@@ -284,10 +281,7 @@ def plot_loss_curves(runs: dict, path: Path) -> bool:
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)
 
 
 def plot_exchange(per_seed: list, ex: dict, path: Path) -> bool:
@@ -321,6 +315,10 @@ def plot_exchange(per_seed: list, ex: dict, path: Path) -> bool:
                  f"({len(per_seed)} seed(s))", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: Path) -> bool:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
