@@ -172,7 +172,7 @@ def build_data(cfg: Config, run_dir: Path, env: parallel.Env, out: Output):
     d = cfg.data
     dae = cfg.subcommand == "dae"
     packed = build_packed(d, d.tokenizer or cfg.model.path, ["reference", "domain"] if dae else None,
-                          Path(d.cache_dir) if d.cache_dir else run_dir / "data", env)
+                          d.cache_dir or None, env, log=out.info)
     out.info(f"data: {len(packed)} sequences of {packed.seq_len} tokens, teachers {packed.teacher_names}, "
              f"stats {json.dumps(packed.stats)}")
     if packed.seq_len != d.seq_len:

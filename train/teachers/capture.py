@@ -271,8 +271,9 @@ def capture(cfg) -> None:
         raise ConfigError(f"no tokenizer in {tok_dir!r}; set --data.tokenizer=<the student's tokenizer directory>")
     env = parallel.init_distributed(cfg.run.device, cfg.parallel.timeout_s)
     try:
-        cache = Path(d.cache_dir) if d.cache_dir else Path(c.out).with_name(Path(c.out).name + ".data")
-        packed = build_packed(d, tok_dir, ["reference", "domain"] if c.rows_of else None, cache, env)
+        log = print if env.is_main else (lambda *a, **k: None)
+        packed = build_packed(d, tok_dir, ["reference", "domain"] if c.rows_of else None, d.cache_dir or None, env,
+                              log=log)
         dtype = torch_dtype(cfg.teachers.dtype)
         run_capture(spec.path, packed, c.out, cfg.teachers.k, c.batch_size, rank=env.rank,
                     world_size=env.world_size, dtype=c.logprobs_dtype, teacher=c.rows_of or None,
