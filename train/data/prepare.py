@@ -178,6 +178,7 @@ _TASKS_PER_WORKER = 8  # a worker is replaced after this many chunks: the row pa
 
 
 def _worker_init(sources, tokenizer, seq_len, teacher_names, scratch):
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: `processes` is the number of cores used
     _W.update(sources=sources, tokenizer=tokenizer, seq_len=seq_len, teacher_names=teacher_names, scratch=scratch)
 
 
