@@ -156,9 +156,16 @@ def test_other_ranks_wait_and_see_rank0_failure(world, tmp_path, monkeypatch):
     key = P.data_key(d.paths, world["tok"], 64, None, None)
     target = P.prepared_dir(tmp_path, key)
     monkeypatch.setattr(P, "_POLL_S", 0.01)
-    target.with_name(target.name + ".failed").write_text("OSError: disk full\n")
+    failed = target.with_name(target.name + ".failed")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "launch-2")
+    failed.write_text(json.dumps({"run": "launch-1", "error": "OSError: stale"}))  # an earlier launch's: ignored
+    monkeypatch.setattr(P, "wait_timeout_s", lambda paths: 0.3)
+    with pytest.raises(P.PreparedDataError, match=r"did not appear within 0.3 s"):
+        P.build_packed(d, world["tok"], None, tmp_path, _env(rank=1, world_size=2), log=lambda *a: None)
+    failed.write_text(json.dumps({"run": "launch-2", "error": "OSError: disk full"}))
     with pytest.raises(P.PreparedDataError, match="rank 0 failed to prepare .*disk full"):
         P.build_packed(d, world["tok"], None, tmp_path, _env(rank=1, world_size=2), log=lambda *a: None)
+    monkeypatch.undo()
     assert P.wait_timeout_s(d.paths) == int(900 + 5 * os.path.getsize(world["rows"]) / 1e6)
 
 
@@ -216,3 +223,16 @@ def test_skipped_and_bad_rows(world, tmp_path):
         P.prepare(str(rows), world["tok"], 64, None, None, tmp_path / "bad", processes=2, chunk_rows=50,
                   log=lambda *a: None)
     assert list((tmp_path / "bad").iterdir()) == []
+
+
+def test_rank1_waits_for_rank0(world, tmp_path, monkeypatch):
+    import threading
+    monkeypatch.setattr(P, "_POLL_S", 0.05)
+    d = _data(world, seq_len=64, num_proc=1)
+    got, lines = {}, []
+    waiter = threading.Thread(target=lambda: got.update(
+        r1=P.build_packed(d, world["tok"], None, tmp_path, _env(rank=1, world_size=2), log=lambda *a: None)))
+    waiter.start()
+    r0 = P.build_packed(d, world["tok"], None, tmp_path, _env(rank=0, world_size=2), log=lines.append)
+    waiter.join(timeout=120)
+    assert got["r1"].fingerprint == r0.fingerprint and "preparing it now on rank 0" in lines[0]

@@ -508,6 +508,22 @@ def wait_timeout_s(paths) -> int:
     return int(900 + 5 * _rows_bytes(paths) / 1e6)
 
 
+def _run_id() -> str | None:
+    return os.environ.get("TORCHELASTIC_RUN_ID")  # the same on every rank of one torchrun launch
+
+
+def _failure_note(failed: Path, started: float) -> str | None:
+    """Rank 0's failure note when it belongs to this launch (same torchrun run id; without one: written after this
+    rank started waiting, minus a few seconds of clock skew), else None (a stale note of an earlier launch)."""
+    try:
+        note, mtime = json.loads(failed.read_text()), failed.stat().st_mtime
+    except (OSError, ValueError):
+        return None
+    run = _run_id()
+    mine = note.get("run") == run if run is not None else mtime >= started - 5
+    return note.get("error", "?") if mine else None
+
+
 def build_packed(d, tokenizer_dir: str, teacher_names, cache_dir, env, log=print) -> PackedDataset:
     """The PackedDataset of `d` (a DataConfig) for kd/dae/sft/capture: `d.packed` when given; else the prepared
     data with this key in cache_dir (None: `default_cache_dir()`), memory-mapped with numpy alone. Only when none
@@ -537,7 +553,7 @@ def build_packed(d, tokenizer_dir: str, teacher_names, cache_dir, env, log=print
         except BaseException as e:
             if env.world_size > 1:
                 try:
-                    failed.write_text(f"{type(e).__name__}: {e}\n")
+                    failed.write_text(json.dumps({"run": _run_id(), "error": f"{type(e).__name__}: {e}"}))
                 except OSError:
                     pass
             raise
@@ -545,10 +561,11 @@ def build_packed(d, tokenizer_dir: str, teacher_names, cache_dir, env, log=print
         timeout = wait_timeout_s(d.paths)
         print(f"rank {env.rank}: waiting up to {timeout} s for rank 0 to prepare {target} (15 min + 5 s per MB of "
               f"rows)", flush=True)
-        t0 = time.monotonic()
+        t0, started = time.monotonic(), time.time()
         while not (target / "meta.json").exists():
-            if failed.exists():
-                raise PreparedDataError(f"rank 0 failed to prepare {target}: {failed.read_text().strip()}")
+            note = _failure_note(failed, started)
+            if note is not None:
+                raise PreparedDataError(f"rank 0 failed to prepare {target}: {note}")
             if time.monotonic() - t0 > timeout:
                 raise PreparedDataError(f"rank {env.rank}: {target} did not appear within {timeout} s; fix: run "
                                         f"`train/main.py prepare --config ...` beforehand")
