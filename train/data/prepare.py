@@ -545,8 +545,10 @@ def build_packed(d, tokenizer_dir: str, teacher_names, cache_dir, env, log=print
     failed = target.with_name(target.name + ".failed")
     if env.is_main:
         failed.unlink(missing_ok=True)
-        log(f"data: no prepared copy in {cache_dir}; preparing it now on rank 0 (next time: `train/main.py prepare` "
-            f"beforehand, so that no rank waits)")
+        log(f"data: no prepared copy in {cache_dir}; preparing it now on rank 0"
+            + (f" while {env.world_size - 1} other rank(s) wait up to {wait_timeout_s(d.paths)} s (15 min + 5 s per MB "
+               f"of rows)" if env.world_size > 1 else "")
+            + "; next time run `train/main.py prepare` beforehand, so that no rank waits")
         try:
             prepare(d.paths, tokenizer_dir, d.seq_len, teacher_names, d.pad_id, cache_dir, processes=d.num_proc,
                     log=log)
