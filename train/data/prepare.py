@@ -401,6 +401,9 @@ def _prepare_into(scratch: Path, key: dict, paths, tokenizer_dir, seq_len, teach
     meta = {**settings, "stats": stats, "fingerprint": fingerprint, "key": key, "rows_sha256": _rows_sha256(paths),
             "prepared": {"seconds": round(t_all, 3), "tokenize_seconds": round(t_tok, 3),
                          "pack_seconds": round(t_pack, 3), "processes": processes, "chunk_rows": chunk_rows}}
+    for name in _ARRAYS:  # on disk before the rename publishes them (a crash leaves no half-written arrays)
+        with open(scratch / f"{name}.npy", "rb+") as f:
+            os.fsync(f.fileno())
     with open(scratch / "meta.json", "w") as f:
         f.write(json.dumps(meta, indent=1, sort_keys=True) + "\n")
         f.flush()
