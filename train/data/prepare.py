@@ -444,16 +444,13 @@ def _write_arrays(scratch: Path, work: Path, kept_R, keep_R, seq_of_R, offset_R,
         doc_P = np.repeat(np.arange(len(docs)), n_R)
         within_P = np.arange(len(doc_P), dtype=np.int64) - np.repeat(np.cumsum(n_R) - n_R, n_R)
         dest_P = (seq_of_R[docs] - s0)[doc_P] * L + offset_R[docs][doc_P] + within_P
-        src_P = start_R[docs][doc_P] + within_P
         out = {}
         for name in ("tokens", "labels", "positions", "doc_ids"):  # fresh maps per block, unmapped at its end
             out[name] = np.memmap(scratch / f"{name}.npy", dtype="<i4", mode="r+",
                                   offset=headers[name] + 4 * s0 * L, shape=(s1 - s0) * L)
         for name, src in (("tokens", "ids.bin"), ("labels", "labels.bin")):
-            flat = np.memmap(work / src, dtype="<i4", mode="r")
             out[name][:] = IGNORE if name == "labels" else pad_id
-            out[name][dest_P] = flat[src_P]
-            del flat
+            out[name][dest_P] = _read_ranges(work / src, start_R[docs], n_R)
         out["doc_ids"][:] = PAD_DOC_ID
         out["doc_ids"][dest_P] = docs[doc_P]
         # Padding is one pseudo-document per sequence tail, positions 0, 1, ... (as pack() writes it).
@@ -463,7 +460,26 @@ def _write_arrays(scratch: Path, work: Path, kept_R, keep_R, seq_of_R, offset_R,
         out["positions"][:] = positions
         for a in out.values():
             a.flush()
-        del out, positions, doc_P, within_P, dest_P, src_P
+        del out, positions, doc_P, within_P, dest_P
+
+
+def _read_ranges(path: Path, start_R: np.ndarray, n_R: np.ndarray) -> np.ndarray:
+    """The int32 ranges [start, start + n) of a flat file, concatenated, read with pread (one call per document,
+    ~3 us each). Not through a memory map: a block's documents lie all over the file, and the kernel maps up to
+    64 kB of page cache around every touched page (fault-around), which showed as resident file pages growing
+    with the file (~4 B/token of VmHWM at 5-20 M tokens) although the process holds none of it."""
+    out = np.empty(int(n_R.sum()), dtype="<i4")
+    view, pos = memoryview(out).cast("B"), 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for start, n in zip(start_R.tolist(), n_R.tolist()):
+            got = os.preadv(fd, [view[4 * pos:4 * (pos + n)]], 4 * start)
+            if got != 4 * n:
+                raise OSError(errno.EIO, f"{path}: short read ({got} of {4 * n} bytes at {4 * start})")
+            pos += n
+    finally:
+        os.close(fd)
+    return out
 
 
 def _content_hash(directory: Path, settings: dict) -> str:
