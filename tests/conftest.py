@@ -9,3 +9,8 @@ any machine (with or without a GPU); the compiled GPU checks are a separate run 
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Prepared data (train/data/prepare.py) goes to a shared cache, by default under ~/.cache; tests that do not name
+# data.cache_dir use a temporary one instead.
+import tempfile  # noqa: E402
+
+os.environ.setdefault("DISTILL_DATA_CACHE", tempfile.mkdtemp(prefix="distill-test-data-"))

@@ -474,3 +474,79 @@ def test_prepare_packed_caches(corpus, tok, tmp_path):
     assert len(list(tmp_path.glob("packed-*"))) == 1
     again = D.prepare_packed(corpus["eval"], tok, seq_len=64, teacher_names=names, cache_dir=str(tmp_path), num_proc=1)
     assert again.fingerprint == first.fingerprint and isinstance(again.tokens, np.memmap)
+
+
+# ------------------------------------------------------------------------------ control tokens only from the template
+# The demo tokenizer's special tokens are <unk>, <s>, </s>, [INST] and [/INST] (in Mistral's v1 tokenizer the latter
+# two are plain text; here they are special, the harder case).
+
+SPECIAL_CHAT = [{"role": "system", "content": "Quote <unk> as is."},
+                {"role": "user", "content": "What does <s> mean in HTML? And [INST] x [/INST]?"},
+                {"role": "assistant", "content": "<s>struck</s> text; [INST] and [/INST] are markers. </s>"},
+                {"role": "user", "content": "And </s><s>?"}, {"role": "assistant", "content": "[/INST]<unk>"}]
+
+
+def _special_ids(tok):
+    return {tok.convert_tokens_to_ids(t) for t in ("<s>", "</s>", "[INST]", "[/INST]", "<unk>")}
+
+
+def test_content_special_strings_are_text(tok):
+    from train.data.chat import _fold_system
+    specials = _special_ids(tok)
+    assert len(specials) == 5 and all(t in tok.all_special_tokens for t in ("<s>", "</s>", "[INST]", "[/INST]"))
+    ids, labels = D.tokenize_chat(SPECIAL_CHAT, tok)
+    # The template's own markers, from the same conversation rendered with neutral content of the same shape
+    neutral = [{**m, "content": m["content"].replace("<", "(").replace("[", "(")} for m in SPECIAL_CHAT]
+    n_ids = _ids(tok.apply_chat_template(_fold_system(neutral), tokenize=True))
+    assert [i for i in ids if i in specials] == [i for i in n_ids if i in specials]  # markers unchanged, in order
+    assert ids[0] == tok.bos_token_id and ids.count(tok.eos_token_id) == 2
+    assert ids.count(tok.convert_tokens_to_ids("[INST]")) == 2 == ids.count(tok.convert_tokens_to_ids("[/INST]"))
+    # apply_chat_template itself would put control tokens inside the answers (the defect being fixed)
+    raw = _ids(tok.apply_chat_template(_fold_system(SPECIAL_CHAT), tokenize=True))
+    assert raw.count(tok.eos_token_id) > 2
+    # every content piece is the text encoding of itself; labels cover exactly each answer and its </s>
+    assert tok.decode(ids) == tok.apply_chat_template(_fold_system(SPECIAL_CHAT), tokenize=False)
+    answers = [m["content"] for m in SPECIAL_CHAT if m["role"] == "assistant"]
+    assert tok.decode([l for l in labels if l != -100]) == "".join(" " + a + "</s>" for a in answers)
+    eos_at = [i for i, t in enumerate(ids) if t == tok.eos_token_id]
+    assert all(labels[i - 1] == tok.eos_token_id for i in eos_at)
+    loss_ids = [l for l in labels if l != -100]
+    assert [l for l in loss_ids if l in specials] == [tok.eos_token_id] * 2  # only the two real </s>
+    # the same tokens as the content encoded alone as text (split_special_tokens): no control id inside
+    a1 = _ids(tok(" " + answers[0], add_special_tokens=False, split_special_tokens=True))
+    start = [i for i in range(len(ids)) if ids[i:i + len(a1)] == a1]
+    assert start and not (set(a1) & specials)
+    # eval prompts follow the same rule and are a prefix of the training ids
+    prompt = D.encode_prompt(SPECIAL_CHAT, tok)
+    assert ids[:len(prompt)] == prompt and [i for i in prompt if i in specials] == [tok.bos_token_id] + [
+        tok.convert_tokens_to_ids("[INST]"), tok.convert_tokens_to_ids("[/INST]"), tok.eos_token_id] + [
+        tok.convert_tokens_to_ids("[INST]"), tok.convert_tokens_to_ids("[/INST]")]
+
+
+def test_text_safe_twin_equals_tokenizer_on_plain_rows(tok, corpus):
+    """The twin tokenizer (special path) gives exactly the normal ids on rows without special strings: only the
+    content's special strings change their encoding, nothing around them."""
+    from train.data.chat import _text_safe, format_chat
+    safe = _text_safe(tok)
+    rows = [json.loads(line)["messages"] for line in open(corpus["train"])][:40] + [TWO_TURN]
+    for messages in rows:
+        text, _ = format_chat(messages, tok)
+        assert safe.encode(safe.final(text))[0] == _ids(tok(text, add_special_tokens=False))
+
+
+def test_special_rows_in_tokenize_rows_and_chatml(tok, tmp_path):
+    import datasets
+    rows = datasets.Dataset.from_list([{"messages": TWO_TURN, "teacher": "reference", "family": ""},
+                                       {"messages": SPECIAL_CHAT, "teacher": "reference", "family": ""}])
+    tds = D.tokenize_rows(rows, tok, max_seq_len=512, num_proc=1, cache_dir=str(tmp_path))
+    for k, messages in enumerate((TWO_TURN, SPECIAL_CHAT)):
+        assert (tds[k]["input_ids"], tds[k]["labels"]) == D.tokenize_chat(messages, tok)
+    # a template whose markers are plain text (ChatML) and content with the tokenizer's specials
+    other = type(tok).from_pretrained(tok.name_or_path)
+    other.chat_template = CHATML
+    msgs = [{"role": "user", "content": "Is </s> special?"}, {"role": "assistant", "content": "Not here: </s>."}]
+    ids, labels = D.tokenize_chat(msgs, other)
+    assert not (set(ids) & _special_ids(tok))
+    assert other.decode([l for l in labels if l != -100]) == "Not here: </s>.<|im_end|>\n"
+    with pytest.raises(ValueError, match="private-use"):
+        D.tokenize_chat([{"role": "user", "content": "<s>\U00100000"}, {"role": "assistant", "content": "a"}], tok)

@@ -90,12 +90,14 @@ def test_store_layout_and_manifest(teacher, packed, reference_store):
     assert len(m["teacher"]["weights"]["sha256"]) == 64 and m["tokenizer_sha256"] == tokenizer_sha256(teacher)
     assert m["bytes"] == sum(sum(s["bytes"].values()) for s in m["shards"])
     # 4 B per id+logprob pair (uint16 + fp16); the rest is the per-sample index (3 x int64 = 24 B per sample)
-    # and six 128 B .npy headers, which at real sizes (~1000 loss tokens per sample) vanish.
-    assert m["bytes_per_token"] == (4 * K * m["rows"] + 24 * len(packed) + 6 * 128) / m["rows"]
+    # and three 128 B .npy headers per block (21 samples in blocks of 4: 6 blocks), which at real sizes (~1000
+    # loss tokens per sample, 64 samples per block) vanish.
+    assert len(m["shards"]) == 6 and [s["samples"] for s in m["shards"]] == [4, 4, 4, 4, 4, 1]
+    assert m["bytes_per_token"] == (4 * K * m["rows"] + 24 * len(packed) + 6 * 3 * 128) / m["rows"]
     assert reports[1]["bytes_per_token"] == m["bytes_per_token"] and reports[1]["tokens_per_s"] > 0
     ids = np.load(out / m["shards"][0]["ids"], mmap_mode="r", allow_pickle=False)
     assert isinstance(ids, np.memmap) and ids.dtype == np.uint16 and ids.shape[1] == K
-    assert not list(out.glob("*.partial")) and not list(out.glob("progress-*")) and not list(out.glob(".*"))
+    assert not list(out.glob(".*"))  # no temporaries left
 
 
 def _counting(monkeypatch, fail_at=None):
@@ -113,20 +115,39 @@ def _counting(monkeypatch, fail_at=None):
 
 
 def test_interrupted_capture_resumes_to_the_same_bytes(tmp_path, monkeypatch, teacher, packed, reference_store):
-    """Rank 1 (10 samples: blocks of 4 = 2 batches of 2, then 2) dies in its 4th batch, block 1's second, after
-    block 1's first rows were written; the restart redoes only blocks 1 and 2, and the store equals the
-    uninterrupted one byte for byte."""
+    """21 samples in blocks of 4 (blocks 0-4: 2 batches of 2; block 5: 1 sample), two ranks: rank 0 takes blocks
+    0, 2, 4, rank 1 blocks 1, 3, 5 (b mod 2). Rank 1 dies in its 4th batch (block 3's second), after committing
+    block 1; the restart in a world of ONE process takes the missing blocks 3 and 5 and redoes only them, and the
+    store equals the uninterrupted two-rank one byte for byte."""
     out = tmp_path / "store"
     run_capture(teacher, packed, out, k=K, batch_size=2, rank=0, world_size=2, block_samples=4)
     calls = _counting(monkeypatch, fail_at=4)
     with pytest.raises(KeyboardInterrupt):
         run_capture(teacher, packed, out, k=K, batch_size=2, rank=1, world_size=2, block_samples=4)
-    assert json.loads((out / "progress-00001-of-00002.json").read_text())["blocks_done"] == 1
+    assert sorted(p.name for p in out.glob("part-*")) == [f"part-b00000{b}.json" for b in (0, 1, 2, 4)]
     assert not (out / "manifest.json").exists()
     calls.clear()
-    report = run_capture(teacher, packed, out, k=K, batch_size=2, rank=1, world_size=2, block_samples=4)
-    assert calls == [2, 2, 2]  # block 1 (4 samples) and block 2 (2) only
-    assert report["complete"] and report["tokens"] == 6 * L
+    report = run_capture(teacher, packed, out, k=K, batch_size=2, rank=0, world_size=1, block_samples=4)
+    assert calls == [2, 2, 1]  # block 3 (4 samples) and block 5 (1) only
+    assert report["complete"] and report["tokens"] == 5 * L
+    assert _store_bytes(out) == _store_bytes(reference_store[0])
+
+
+def test_capture_resumes_in_a_larger_world(tmp_path, monkeypatch, teacher, packed, reference_store):
+    """One process dies in block 2 after committing blocks 0 and 1; a world of three takes the missing blocks 2-5
+    by b mod 3 (rank 0: 3, rank 1: 4, rank 2: 2 and 5); the last to finish writes the manifest; the bytes equal
+    the two-rank capture's."""
+    out = tmp_path / "store"
+    calls = _counting(monkeypatch, fail_at=5)
+    with pytest.raises(KeyboardInterrupt):
+        run_capture(teacher, packed, out, k=K, batch_size=2, block_samples=4)
+    assert len(list(out.glob("part-*"))) == 2
+    monkeypatch.undo()
+    calls = _counting(monkeypatch)  # no more failures
+    reports = [run_capture(teacher, packed, out, k=K, batch_size=2, rank=r, world_size=3, block_samples=4)
+               for r in range(3)]
+    assert [r["tokens"] // L for r in reports] == [4, 4, 5] and calls == [2, 2, 2, 2, 2, 2, 1]
+    assert [r["complete"] for r in reports] == [False, False, True]
     assert _store_bytes(out) == _store_bytes(reference_store[0])
 
 
@@ -156,7 +177,7 @@ def test_sigkilled_capture_resumes_to_the_same_bytes(tmp_path, teacher, packed):
     proc = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, str(teacher), str(data), str(out), "6"], env=env,
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
-    assert json.loads((out / "progress-00000-of-00001.json").read_text())["blocks_done"] == 2
+    assert sorted(p.name for p in out.glob("part-*")) == ["part-b000000.json", "part-b000001.json"]
     report = run_capture(teacher, packed, out, k=K, batch_size=3, block_samples=6)
     assert report["tokens"] == 9 * L  # blocks 2 (6 samples) and 3 (the last 3) only
     assert _store_bytes(out) == _store_bytes(ref)
@@ -269,8 +290,8 @@ _FSDP_SCRIPT = textwrap.dedent("""
     assert torch.equal(got.ids_BTK, want.ids_BTK) and torch.equal(got.logprobs_BTK, want.logprobs_BTK)
     assert sharded.rows_seen == [{"reference": 0, "domain": 2}, {"reference": 2, "domain": 1}][rank]
     assert sharded.dummy_steps["reference"] == [1, 0][rank], sharded.dummy_steps
-    # Sharded capture: 21 samples over 2 ranks (11 + 10); the last block has 3 samples on rank 0 (2 batches) and
-    # 2 on rank 1 (1 batch), so rank 1 joins rank 0's second batch with a dummy forward.
+    # Sharded capture: 21 samples in blocks of 4 (the last holds 1) over 2 ranks: in the last round rank 0's block
+    # has 4 samples (2 batches) and rank 1's 1 (1 batch), so rank 1 joins rank 0's second batch with a dummy forward.
     dummies, real_dummy = [], OnlineTeacher.dummy_step
     OnlineTeacher.dummy_step = lambda self: (dummies.append(1), real_dummy(self))
     run_capture(teacher, packed, out, k=%d, batch_size=2, rank=rank, world_size=2, block_samples=4, shard=True)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from train.errors import ConfigError  # re-exported: train.config.ConfigError
 
-SUBCOMMANDS = ("kd", "dae", "sft", "capture", "upcycle", "export", "plan")
+SUBCOMMANDS = ("kd", "dae", "sft", "capture", "prepare", "upcycle", "export", "plan")
 
 
 def _f(default, help: str, example=None):
@@ -70,9 +70,10 @@ class DataConfig:
                                              "used ~0.1); leave out for the dataset's own mix", example=0.1)
     pad_id: int | None = _f(None, "an EXISTING token id used for padding (label -100); leave out: the "
                                   "tokenizer's pad, else eos", example=2)
-    cache_dir: str = _f("", "cache of the tokenised and packed data (reused by resumed and later runs); empty: "
-                            "run_dir/data (capture: <capture.out>.data)")
-    num_proc: int | None = _f(None, "tokenisation processes; leave out: automatic", example=8)
+    cache_dir: str = _f("", "shared cache of prepared (tokenised and packed) data, found there by a key of the rows' "
+                            "files, tokenizer, seq_len and packing settings; every later run with the same data "
+                            "reuses it; empty: $DISTILL_DATA_CACHE, else ~/.cache/distill/data")
+    num_proc: int | None = _f(None, "tokenisation processes when preparing; leave out: every CPU core", example=8)
 
 
 @dataclass
@@ -170,6 +171,14 @@ class CaptureConfig:
 
 
 @dataclass
+class PrepareConfig:
+    phase: int = _f(1, "which runs will read the data, i.e. how teachers are packed: 1 = kd, sft and capture (every "
+                       "teacher the rows name, `reference` first); 2 = dae and capture with rows_of (`reference`, "
+                       "`domain`)")
+    chunk_rows: int = _f(2048, "rows per tokenisation task (the unit handed to a process)")
+
+
+@dataclass
 class UpcycleConfig:
     out: str = _f("", "HF directory to write the MoE student to")
     num_experts: int = _f(2, "experts per layer (the paper's 2x7B: 2)")
@@ -199,13 +208,14 @@ class PlanConfig:
 SECTION_TYPES = {
     "run": RunConfig, "model": ModelConfig, "data": DataConfig, "teachers": TeachersConfig, "loss": LossConfig,
     "optim": OptimConfig, "schedule": ScheduleConfig, "parallel": ParallelConfig, "checkpoint": CheckpointConfig,
-    "logging": LoggingConfig, "capture": CaptureConfig, "upcycle": UpcycleConfig, "export": ExportConfig,
-    "plan": PlanConfig,
+    "logging": LoggingConfig, "capture": CaptureConfig, "prepare": PrepareConfig, "upcycle": UpcycleConfig,
+    "export": ExportConfig, "plan": PlanConfig,
 }
 _TRAIN = ("run", "model", "data", "teachers", "loss", "optim", "schedule", "parallel", "checkpoint", "logging")
 SECTIONS = {
     "kd": _TRAIN, "dae": _TRAIN, "sft": tuple(s for s in _TRAIN if s != "teachers"),
     "capture": ("run", "data", "teachers", "parallel", "capture"),
+    "prepare": ("data", "prepare"),
     "upcycle": ("model", "upcycle"),
     "export": ("model", "export"),
     "plan": _TRAIN + ("plan",),  # reads a kd / dae / sft run's file as it is
@@ -226,6 +236,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     capture: CaptureConfig = field(default_factory=CaptureConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
     upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
@@ -506,6 +517,14 @@ def validate(cfg: Config) -> None:
                                                           f"or leave it empty")
         _require(c.logprobs_dtype in ("float16", "bfloat16"),
                  f"capture.logprobs_dtype={c.logprobs_dtype!r}; use float16 or bfloat16")
+    if sc == "prepare":
+        _require(bool(cfg.data.paths), "prepare reads chat rows: set data.paths (data.packed is already prepared)")
+        _require(bool(cfg.data.tokenizer), "prepare needs the student's tokenizer: set data.tokenizer=<directory>")
+        _require(cfg.prepare.phase in (1, 2), f"prepare.phase={cfg.prepare.phase}; use 1 (kd, sft, capture) or 2 "
+                                              f"(dae, capture with rows_of)")
+        _require(cfg.prepare.chunk_rows >= 1, f"prepare.chunk_rows={cfg.prepare.chunk_rows}; use at least 1")
+        _require(cfg.data.num_proc is None or cfg.data.num_proc >= 1, f"data.num_proc={cfg.data.num_proc}; use at "
+                                                                      f"least 1 or leave it out")
     if sc == "upcycle":
         u = cfg.upcycle
         _require(bool(u.out), "upcycle.out is missing; set --upcycle.out=<HF directory to write>")
@@ -567,34 +586,3 @@ def describe(subcommand: str) -> str:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             out.append(f"  --{s}.{f.name}={default!r:<10} ({_type_name(hints[f.name])})  {f.metadata['help']}")
     return "\n".join(out)
-
-
-def example_toml(subcommand: str, values: dict, header: str = "") -> str:
-    """A TOML file for `subcommand` holding every key it reads, each with its help text as a comment: `values`
-    ({"section.key": value}, teachers as "teachers.<name>.path") set keys; the rest show their defaults, and
-    optional keys without a value are written commented out."""
-    import textwrap
-    lines = [f"# {x}" if x else "#" for x in header.strip().splitlines()] + [""] if header else []
-    for s in SECTIONS[subcommand]:
-        cls = SECTION_TYPES[s]
-        lines.append(f"[{s}]")
-        for f in dataclasses.fields(cls):
-            if f.name == "named":
-                continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            value = values.get(f"{s}.{f.name}", default)
-            for c in textwrap.wrap(f.metadata["help"], 108):
-                lines.append(f"# {c}")
-            lines.append(f"# {f.name} = {_toml_value(f.metadata['example'])}" if value is None
-                         else f"{f.name} = {_toml_value(value)}")
-        if s == "teachers":
-            names = sorted({k.split(".")[1] for k in values if k.startswith("teachers.") and k.count(".") == 2})
-            for name in names:
-                lines += ["", f"[teachers.{name}]"]
-                for f in dataclasses.fields(TeacherConfig):
-                    value = values.get(f"teachers.{name}.{f.name}", f.default)
-                    for c in textwrap.wrap(f.metadata["help"], 108):
-                        lines.append(f"# {c}")
-                    lines.append(f"# {f.name} = \"...\"" if value == "" else f"{f.name} = {_toml_value(value)}")
-        lines.append("")
-    return "\n".join(lines)

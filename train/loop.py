@@ -175,12 +175,17 @@ def build_data(cfg: Config, run_dir: Path, env: parallel.Env, out: Output):
     d = cfg.data
     dae = cfg.subcommand == "dae"
     packed = build_packed(d, d.tokenizer or cfg.model.path, ["reference", "domain"] if dae else None,
-                          Path(d.cache_dir) if d.cache_dir else run_dir / "data", env)
+                          d.cache_dir or None, env, log=out.info)
     out.info(f"data: {len(packed)} sequences of {packed.seq_len} tokens, teachers {packed.teacher_names}, "
              f"stats {json.dumps(packed.stats)}")
     if packed.seq_len != d.seq_len:
         raise ConfigError(f"the packed data has seq_len {packed.seq_len}, data.seq_len is {d.seq_len}; set "
                           f"--data.seq_len={packed.seq_len}")
+    if len(packed) == 0:
+        st = packed.stats
+        why = (f"{st['dropped_docs_no_loss']} document(s) kept no answer token within data.seq_len={d.seq_len}; fix: "
+               "raise data.seq_len" if st.get("dropped_docs_no_loss") else "fix: give it rows with answers")
+        raise DataError(f"data: no sequence to train on: {why}")
     if dae and "domain" not in packed.teacher_names:
         raise ConfigError(f"dae: the data has no `domain` rows (teachers found: {packed.teacher_names}); mark "
                           f"domain rows with \"teacher\": \"domain\" or \"domain\": true")

@@ -20,6 +20,7 @@ COMMANDS = {
     "dae": "phase 2: domain alignment; each row distilled from its own teacher (`reference` or `domain`)",
     "sft": "the baseline: the same loop with lambda = 0 (cross-entropy on the answers only, no teacher)",
     "capture": "run a teacher over the packed data once and store its top-k per loss position",
+    "prepare": "tokenise and pack the rows once into the shared cache (CPU, parallel); kd/dae/sft/capture find it",
     "upcycle": "turn a dense student into an MoE student (every expert a copy of the FFN)",
     "export": "a training checkpoint (run_dir/step-N/) to an HF safetensors directory",
     "eval": "evaluate models on held-out chat rows (train/eval.py; its own --help)",
@@ -128,6 +129,11 @@ def _dispatch(cfg) -> None:
     elif sub == "capture":
         from train.teachers.capture import capture
         capture(cfg)
+    elif sub == "prepare":
+        from train.data.prepare import prepare
+        d = cfg.data
+        prepare(d.paths, d.tokenizer, d.seq_len, ["reference", "domain"] if cfg.prepare.phase == 2 else None,
+                d.pad_id, d.cache_dir or None, processes=d.num_proc, chunk_rows=cfg.prepare.chunk_rows)
     elif sub == "upcycle":
         from train.export import upcycle
         upcycle(cfg)

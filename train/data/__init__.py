@@ -17,8 +17,11 @@ Public API (stable; the trainer, teacher store, demo and eval code against these
         The conversation rendered by the tokenizer's chat template (or the built-in one) and the character span
         of every assistant turn (its answer plus the template's end-of-turn text, e.g. `</s>`).
     tokenize_chat(messages, tokenizer) -> (ids: list[int], labels: list[int])
-        ids == tokenizer.apply_chat_template(messages); labels[i] = ids[i+1] where token i+1 belongs to an
-        assistant turn, else -100 (next-token labels: CE and KD see exactly the same positions).
+        ids == tokenizer.apply_chat_template(messages) for rows whose content holds none of the tokenizer's
+        special-token strings; in rows that do (`<s>`, `</s>`, `[INST]` where special, ...), those strings are
+        encoded as text, so only the template's own markers are control tokens (chat.py). labels[i] = ids[i+1]
+        where token i+1 belongs to an assistant turn, else -100 (next-token labels: CE and KD see exactly the
+        same positions).
     encode_prompt(messages, tokenizer) -> list[int]
         Generation prompt: the conversation up to (not including) its last answer, exactly as training renders
         it. A trailing assistant turn is dropped, so an eval row can be passed as is.
@@ -34,6 +37,10 @@ Public API (stable; the trainer, teacher store, demo and eval code against these
     prepare_packed(paths_or_dataset, tokenizer, seq_len, teacher_names=None, cache_dir=None, num_proc=None,
                    pad_id=None) -> PackedDataset
         The three stages above in one call, the packed result cached (npy + JSON) under cache_dir.
+    train.data.prepare (not imported here): prepare(paths, tokenizer_dir, seq_len, teacher_names=None, pad_id=None,
+        cache_dir=None, processes=None) -> Path (`train/main.py prepare`: rows -> packed int32 arrays once, in
+        worker processes, in bounded memory, into a shared cache keyed by data_key(...)); load_prepared(dir, key)
+        -> PackedDataset (memory-mapped, numpy alone, checked); build_packed(data_config, ...) for kd/dae/sft/capture.
     PackedBatch: tokens_BT, labels_BT, positions_BT, doc_ids_BT, teacher_B, sample_idx_B (torch int64);
         .to(device, non_blocking=False), .pin_memory().
     Sampler(packed, batch_size, rank=0, world_size=1, seed=0, domain_fraction=None, domain_teacher="domain")
@@ -44,7 +51,8 @@ Public API (stable; the trainer, teacher store, demo and eval code against these
         Every sequence exactly once, in index order, sequence i on rank i % world_size (for capturing a store).
 
 Rooms: rows.py (loading, schemas), chat.py (template, tokenisation, completion labels, IGNORE),
-packing.py (PackedDataset, pack, prepare_packed), sampler.py (Sampler, sequential_batches).
+packing.py (PackedDataset, pack, prepare_packed), sampler.py (Sampler, sequential_batches), prepare.py (prepared
+data in a shared cache, found by key; the training path on it never imports `datasets`).
 """
 from train.data.chat import (IGNORE, MISTRAL_CHAT_TEMPLATE, encode_prompt, format_chat, tokenize_chat,
                              tokenize_rows, tokenizer_fingerprint)

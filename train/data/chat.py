@@ -3,18 +3,31 @@
 A conversation is rendered by the tokenizer's chat template (or `MISTRAL_CHAT_TEMPLATE`); assistant turns are
 located as character spans and mapped to tokens through offsets; labels[i] = ids[i+1] where token i+1 belongs
 to an assistant turn, else IGNORE (next-token labels: CE and KD see exactly the same positions).
+
+Control tokens come from the template only. Message content is text, as in Mistral's own encoder
+(mistral-common): a chat whose content holds the literal strings of the tokenizer's special tokens (`<s>`, `</s>`,
+`[INST]` where it is special, ...; HTML strike-through, a question about tokenisers) is encoded with those strings
+as ordinary text tokens, never as BOS/EOS/[INST]. Rows without such strings are tokenised exactly as
+`tokenizer.apply_chat_template` does; rows with them differ from it by design (it would emit the control tokens).
+How (`_TextSafe`): the content's special strings are escaped to private-use characters before the template
+renders, the template's own special strings are then mapped to private-use characters that a twin of the
+tokenizer (same vocabulary and ids; its special tokens renamed to those characters, BPE vocabulary entries and
+merges renamed/dropped so that text can never reach them) reads as its control tokens, and the escapes go back to
+the content's original text. The whole text is still encoded in one call, so the pieces between control tokens
+are split and pre-tokenised exactly as before.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 
 IGNORE = -100  # the one no-loss label (prompt, padding, last token of a document); every room imports it here
-_FORMAT_VERSION = "chat-v1"  # bump when the labels' semantics change
+_FORMAT_VERSION = "chat-v2"  # bump when the labels' semantics change (v2: content's special strings are text)
 # Tokenisation caches are keyed on this file's bytes (not the package's), so an edit to the chat rules
 # invalidates them instead of serving stale labels, while an edit to packing or sampling does not.
 _CODE_HASH = hashlib.blake2b(Path(__file__).read_bytes(), digest_size=8).hexdigest()
@@ -151,25 +164,125 @@ def _check_tokenizer(tokenizer) -> None:
                          "(e.g. '<s>' and '</s>')")
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Control tokens only from the template (module doc)
+
+_ESCAPE_BASE = 0xF0000     # Supplementary Private Use Area-A: a content special string while the template renders
+_CONTROL_BASE = 0x100000   # Area-B: a template special string, read by the twin tokenizer as its control token
+_PRIVATE = re.compile("[\U000F0000-\U0010FFFF]")
+
+
+class _TextSafe:
+    """The special strings of one tokenizer and its text-safe twin (module doc). Built once per tokenizer."""
+
+    def __init__(self, tokenizer):
+        specials = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special},
+                          key=lambda c: (-len(c), c))  # longest first: a regex alternation takes the first match
+        self.specials = [c for c in specials if c]
+        self.find = re.compile("|".join(map(re.escape, self.specials))) if self.specials else None
+        self.escape = {c: chr(_ESCAPE_BASE + i) for i, c in enumerate(self.specials)}
+        self.control = {c: chr(_CONTROL_BASE + i) for i, c in enumerate(self.specials)}
+        self.unescape = {e: c for c, e in self.escape.items()}
+        self._to_final = re.compile("|".join([re.escape(c) for c in self.specials] + list(self.unescape))) \
+            if self.specials else None
+        self._tokenizer = tokenizer
+        self._twin = None
+
+    def touches(self, messages: list) -> bool:
+        return self.find is not None and any(self.find.search(m["content"]) for m in messages)
+
+    def escaped(self, messages: list) -> list:
+        for m in messages:
+            if _PRIVATE.search(m["content"]):
+                raise ValueError(f"a {m['role']} turn holds Unicode private-use characters (U+F0000..U+10FFFF) and "
+                                 f"the tokenizer's special strings {self.specials}; the two together cannot be told "
+                                 f"apart from the template's markers; fix: remove the private-use characters")
+        return [{**m, "content": self.find.sub(lambda x: self.escape[x.group()], m["content"])} for m in messages]
+
+    def final(self, text: str) -> str:
+        """Rendered escaped text -> the twin's input: template specials -> control chars, escapes -> content text."""
+        return self._to_final.sub(lambda x: self.control.get(x.group()) or self.unescape[x.group()], text)
+
+    @property
+    def twin(self):
+        if self._twin is None:
+            from tokenizers import Tokenizer
+            spec = json.loads(self._tokenizer.backend_tokenizer.to_str())
+            for t in spec.get("added_tokens", []):
+                if t.get("special") and t["content"] in self.control:
+                    t["content"] = self.control[t["content"]]
+            model = spec.get("model") or {}
+            if model.get("type") == "BPE":  # text must never reach a control id through the vocabulary either
+                vocab = model["vocab"]
+                for c, z in self.control.items():
+                    if c in vocab:
+                        vocab[z] = vocab.pop(c)
+                if model.get("unk_token") in self.control:
+                    model["unk_token"] = self.control[model["unk_token"]]
+                pair = lambda m: m.split(" ", 1) if isinstance(m, str) else m  # noqa: E731
+                model["merges"] = [m for m in model.get("merges", []) if "".join(pair(m)) not in self.control]
+            spec["post_processor"], spec["truncation"], spec["padding"] = None, None, None
+            self._twin = Tokenizer.from_str(json.dumps(spec))
+            self.control_ids = {self._twin.token_to_id(z) for z in self.control.values()}
+        return self._twin
+
+    def encode(self, text: str) -> tuple[list, list]:
+        """(ids, offsets) of the twin's input; checks that control ids came from the template only."""
+        enc = self.twin.encode(text, add_special_tokens=False)
+        n_control = sum(text.count(z) for z in self.control.values())
+        if sum(i in self.control_ids for i in enc.ids) != n_control:
+            raise ValueError("message text was encoded to a control token by the tokenizer's model; fix: report the "
+                             "tokenizer (its vocabulary reaches a special token from text)")
+        return list(enc.ids), list(enc.offsets)
+
+
+_TEXT_SAFE: dict = {}
+
+
+def _text_safe(tokenizer) -> _TextSafe:
+    key = id(tokenizer)
+    if key not in _TEXT_SAFE or _TEXT_SAFE[key][0] is not tokenizer:
+        _TEXT_SAFE[key] = (tokenizer, _TextSafe(tokenizer))  # the reference keeps the id from being reused
+    return _TEXT_SAFE[key][1]
+
+
+def _encode_chat(messages: list, tokenizer) -> tuple[list, list, list]:
+    """(ids, offsets, assistant spans in offset coordinates): the one tokenisation of a training conversation."""
+    safe = _text_safe(tokenizer)
+    if not safe.touches(messages):  # the common case: exactly apply_chat_template's ids
+        text, spans = format_chat(messages, tokenizer)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), list(enc["offset_mapping"]), spans
+    text, spans = format_chat(safe.escaped(messages), tokenizer)
+    # Spans end at template render boundaries, never inside a special string, so a prefix maps on its own.
+    spans = [(len(safe.final(text[:a])), len(safe.final(text[:b]))) for a, b in spans]
+    ids, offsets = safe.encode(safe.final(text))
+    return ids, offsets, spans
+
+
 def tokenize_chat(messages: list, tokenizer) -> tuple[list, list]:
-    """ids (== apply_chat_template(messages)) and next-token labels (-100 outside assistant turns)."""
+    """ids and next-token labels (-100 outside assistant turns). ids == apply_chat_template(messages) for rows whose
+    content holds no special-token string; in rows that do, those strings are text tokens (module doc)."""
     _check_tokenizer(tokenizer)
-    text, spans = format_chat(messages, tokenizer)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    labels = _labels_from_offsets(enc["input_ids"], enc["offset_mapping"], spans)
-    return list(enc["input_ids"]), labels.tolist()
+    ids, offsets, spans = _encode_chat(messages, tokenizer)
+    return ids, _labels_from_offsets(ids, offsets, spans).tolist()
 
 
 def encode_prompt(messages: list, tokenizer) -> list:
-    """Token ids of the prompt that precedes the last answer, as training renders it (for generation)."""
+    """Token ids of the prompt that precedes the last answer, as training renders it (for generation); the
+    content's special strings are text, as in training."""
     _check_tokenizer(tokenizer)
     if messages and messages[-1]["role"] == "assistant":
         messages = messages[:-1]
     template = _template_of(tokenizer)
     if _needs_fold(tokenizer, template):
         messages = _fold_system(messages)
-    text = _render(messages, tokenizer, template, generation_prompt=True)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    safe = _text_safe(tokenizer)
+    if not safe.touches(messages):
+        text = _render(messages, tokenizer, template, generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    text = _render(safe.escaped(messages), tokenizer, template, generation_prompt=True)
+    return safe.encode(safe.final(text))[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -177,14 +290,22 @@ def encode_prompt(messages: list, tokenizer) -> list:
 
 
 def _tokenize_batch(batch: dict, *, tokenizer, max_seq_len: int) -> dict:
-    texts, spans = [], []
-    for messages in batch["messages"]:
-        text, s = format_chat(messages, tokenizer)
-        texts.append(text)
-        spans.append(s)
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)  # batched: Rust threads
+    safe = _text_safe(tokenizer)
+    plain = [k for k, m in enumerate(batch["messages"]) if not safe.touches(m)]
+    encoded = [None] * len(batch["messages"])
+    rendered = [format_chat(batch["messages"][k], tokenizer) for k in plain]
+    enc = tokenizer([t for t, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)  # Rust threads
+    for j, k in enumerate(plain):
+        encoded[k] = (enc["input_ids"][j], enc["offset_mapping"][j], rendered[j][1])
+    for k, messages in enumerate(batch["messages"]):
+        if encoded[k] is None:  # content with special-token strings (module doc)
+            encoded[k] = _encode_chat(messages, tokenizer)
+    return _truncated(encoded, max_seq_len)
+
+
+def _truncated(encoded, max_seq_len: int) -> dict:
     out = {"input_ids": [], "labels": [], "num_tokens": [], "truncated": []}
-    for ids, offsets, s in zip(enc["input_ids"], enc["offset_mapping"], spans):
+    for ids, offsets, s in encoded:
         labels_T = _labels_from_offsets(ids, offsets, s)
         n = len(ids)
         if n > max_seq_len:

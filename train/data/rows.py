@@ -190,11 +190,11 @@ def _check_json_file(path: Path) -> None:
                                  "per line: {\"messages\": [...]}); fix that line")
 
 
-def load_rows(paths_or_dataset, teacher_names: Sequence[str] | None = None, cache_dir: str | None = None):
-    """Chat rows from files / a saved dataset / a `datasets.Dataset`, normalised and validated (module doc)."""
+def raw_sources(paths_or_dataset, cache_dir: str | None = None) -> list:
+    """[(source name, raw datasets.Dataset)] of the inputs, before normalisation (arrow-backed, memory-mapped)."""
     import datasets
     if isinstance(paths_or_dataset, datasets.Dataset):
-        sources = [("<dataset>", paths_or_dataset)]
+        return [("<dataset>", paths_or_dataset)]
     else:
         items = [paths_or_dataset] if isinstance(paths_or_dataset, (str, os.PathLike)) else list(paths_or_dataset)
         if not items:
@@ -208,6 +208,21 @@ def load_rows(paths_or_dataset, teacher_names: Sequence[str] | None = None, cach
             if not path.exists():
                 raise ValueError(f"{path}: file not found; fix: check the path (cwd is {os.getcwd()})")
             sources.append((str(path), _load_one(path, cache_dir)))
+    return sources
+
+
+def normalise_chunk(ds, start: int, stop: int, source: str, teacher_names) -> dict:
+    """Rows [start, stop) of one raw source, normalised and validated (columns messages, teacher, family, _skip):
+    what `load_rows` does to a whole source, for callers that stream a source in chunks."""
+    schemas = _schemas_of(ds.column_names, source)
+    return _normalise_batch(ds[start:stop], list(range(start, stop)), schemas=schemas, source=source,
+                            teacher_names=None if teacher_names is None else list(teacher_names))
+
+
+def load_rows(paths_or_dataset, teacher_names: Sequence[str] | None = None, cache_dir: str | None = None):
+    """Chat rows from files / a saved dataset / a `datasets.Dataset`, normalised and validated (module doc)."""
+    import datasets
+    sources = raw_sources(paths_or_dataset, cache_dir)
     parts = []
     for source, ds in sources:
         schemas = _schemas_of(ds.column_names, source)

@@ -1,5 +1,5 @@
 """`capture`: run one teacher over the packed data once and write its top-k store (layout in
-train/teachers/store.py), resumable block by block; `capture(cfg)` is the CLI subcommand.
+train/teachers/store.py), resumable block by block at any world size; `capture(cfg)` is the CLI subcommand.
 
 Dimensions: B batch rows, T tokens per row, K teacher top-k, V vocabulary, S samples (packed sequences),
 R stored rows (loss tokens), N loss positions of one batch.
@@ -20,8 +20,8 @@ from train.config import torch_dtype
 from train.data import IGNORE
 from train.teachers.online import OnlineTeacher
 from train.teachers.signal import default_dtype
-from train.teachers.store import (FORMAT, LOGPROB_DTYPES, atomic_save_npy, atomic_write_json, read_json, shard_names,
-                                  storage_dtype, ids_dtype, tokenizer_sha256, weights_quick_hash, weights_sha256)
+from train.teachers.store import (FORMAT, LOGPROB_DTYPES, atomic_save_npy, atomic_write_json, ids_dtype, read_json,
+                                  storage_dtype, tokenizer_sha256, weights_quick_hash, weights_sha256)
 
 
 def _loss_counts(labels_SL, samples: np.ndarray, chunk: int = 4096) -> np.ndarray:
@@ -42,6 +42,13 @@ def _to_storage(ids_NK: torch.Tensor, logprobs_NK: torch.Tensor, id_dtype: np.dt
     return ids, lp
 
 
+def block_names(block: int) -> dict[str, str]:
+    """Files of one committed block; the part file, written last, is its commit."""
+    tag = f"b{block:06d}"
+    return {"ids": f"ids-{tag}.npy", "logprobs": f"logprobs-{tag}.npy", "index": f"index-{tag}.npy",
+            "part": f"part-{tag}.json"}
+
+
 def run_capture(teacher_path, packed_dataset, out_dir, k: int, batch_size: int, rank: int = 0, world_size: int = 1,
                 dtype: str | torch.dtype = "float16", teacher: str | None = None, tokenizer_path=None,
                 device=None, compute_dtype: torch.dtype | None = None, shard: bool = False,
@@ -53,9 +60,11 @@ def run_capture(teacher_path, packed_dataset, out_dir, k: int, batch_size: int, 
     (phase 2); None = all. tokenizer_path: directory whose tokenizer files are hashed into the manifest (default:
     the teacher directory, if it holds any). compute_dtype: the teacher's (bf16 on CUDA, fp32 on CPU).
     shard: FSDP2-shard the teacher over the initialised process group (every rank runs every forward together).
-    Rank r takes the r-th, (r+W)-th, ... selected samples; each rank writes its own shard; the manifest is written
-    once every rank's part exists (by rank 0 after a barrier under torchrun, else by whichever call finishes
-    last). Returns (and prints on rank 0) throughput and bytes per token for this call.
+    The selected samples are cut into blocks of `block_samples` (block b: selected samples b*n .. (b+1)*n - 1);
+    each call takes the blocks not yet committed with b mod W == rank, so a capture resumes at any world size (a
+    new world re-partitions the missing blocks) and the store's bytes do not depend on W.
+    The manifest is written once every block exists (by rank 0 after a barrier under torchrun, else by whichever
+    call finishes last). Returns (and prints on rank 0) throughput and bytes per token for this call.
     """
     t_start = time.perf_counter()
     out_dir, teacher_path = Path(out_dir), Path(teacher_path)
@@ -85,12 +94,7 @@ def run_capture(teacher_path, packed_dataset, out_dir, k: int, batch_size: int, 
         if teacher not in ds.teacher_names:
             raise ValueError(f"teacher={teacher!r} is not one of the dataset's teachers {ds.teacher_names}")
         selected = np.flatnonzero(teacher_S == ds.teacher_names.index(teacher)).astype(np.int64)
-    per_rank = [selected[r::world_size] for r in range(world_size)]
-    mine = per_rank[rank]
-    counts_S = _loss_counts(ds.labels, mine)
-    first_S = np.zeros(len(mine), dtype=np.int64)
-    np.cumsum(counts_S[:-1], out=first_S[1:])
-    R = int(counts_S.sum())
+    n_blocks = math.ceil(len(selected) / block_samples)
     id_dtype, st_dtype = ids_dtype(V), storage_dtype(lp_dtype)
 
     tok_dir = Path(tokenizer_path) if tokenizer_path is not None else teacher_path
@@ -99,90 +103,61 @@ def run_capture(teacher_path, packed_dataset, out_dir, k: int, batch_size: int, 
         "logprobs_storage": st_dtype.name, "compute_dtype": str(compute_dtype).removeprefix("torch."),
         "dataset_fingerprint": ds.fingerprint, "seq_len": int(ds.seq_len), "pad_id": int(ds.pad_id),
         "teacher_names": list(ds.teacher_names), "num_samples": int(len(ds)), "rows_of": teacher,
-        "world_size": int(world_size), "block_samples": int(block_samples), "batch_size": int(batch_size),
+        "block_samples": int(block_samples), "blocks": int(n_blocks), "batch_size": int(batch_size),
         "tokenizer_sha256": tokenizer_sha256(tok_dir), "teacher_config": config,
         "teacher_weights_quick": weights_quick_hash(teacher_path),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = shard_names(rank, world_size)
-    # A killed capture leaves the temporaries of its atomic writes (`.<name>.tmp-<pid>`); each rank removes its
-    # own shard's (and rank 0 the manifest's) before it writes anything, so a finished store holds no stray file
-    # and no rank deletes another's file in flight.
-    own = list(names.values()) + (["manifest.json"] if rank == 0 else [])
-    for name in own:
-        for stale in out_dir.glob(f".{name}.tmp-*"):
-            stale.unlink(missing_ok=True)
     manifest = read_json(out_dir / "manifest.json")
     if manifest is not None:
         _check_same(settings, manifest, out_dir / "manifest.json")
         return _report(rank, 0, 0, 0.0, manifest, out_dir)
+    found = read_json(out_dir / "capture.json")
+    if found is not None:
+        _check_same(settings, found, out_dir / "capture.json")
+    else:  # every rank writes the same bytes; the rename is atomic
+        atomic_write_json(out_dir / "capture.json", settings)
 
-    part = read_json(out_dir / names["part"])
-    if part is not None:
-        _check_same(settings, part["settings"], out_dir / names["part"])
-    rank_done = part is not None
-    progress = read_json(out_dir / names["progress"])
-    if progress is not None:
-        _check_same(settings, progress["settings"], out_dir / names["progress"])
-    n_blocks_mine = math.ceil(len(mine) / block_samples)
-    blocks_done = progress["blocks_done"] if progress is not None else 0
-
-    partial = {n: out_dir / (names[n] + ".partial") for n in ("ids", "logprobs")}
-    arrays = None
-    if not rank_done and blocks_done < n_blocks_mine and R > 0:
-        if blocks_done == 0 or not all(p.exists() for p in partial.values()):
-            blocks_done = 0  # no usable partial arrays: start this rank over
-            arrays = {"ids": np.lib.format.open_memmap(partial["ids"], mode="w+", dtype=id_dtype, shape=(R, k)),
-                      "logprobs": np.lib.format.open_memmap(partial["logprobs"], mode="w+", dtype=st_dtype,
-                                                            shape=(R, k))}
-        else:
-            arrays = {n: np.load(p, mmap_mode="r+", allow_pickle=False) for n, p in partial.items()}
-            assert arrays["ids"].shape == (R, k), "partial array does not match the recomputed row count"
-
-    needs_teacher = sharded or (not rank_done and blocks_done < n_blocks_mine)
+    # Block b belongs to rank b mod W. A pure function of the block, so ranks need not agree on a listing (they
+    # may even run as independent processes); balanced on resume when the missing blocks are a tail, the usual
+    # state after a whole world was stopped (every rank was about equally far along its own blocks).
+    missing = [b for b in range(n_blocks) if not (out_dir / block_names(b)["part"]).exists()]
+    share = [[b for b in missing if b % world_size == r] for r in range(world_size)]
+    block_of = lambda b: selected[b * block_samples:(b + 1) * block_samples]  # noqa: E731
+    mine, rounds = share[rank], max(len(x) for x in share)
     model = OnlineTeacher.load(teacher_path, k, device=device, dtype=compute_dtype, shard=shard) \
-        if needs_teacher else None
+        if (mine or (sharded and rounds)) else None
 
-    # Every rank walks the same number of blocks and batch slots (ranks' shares differ by at most one sample),
-    # so a sharded teacher's collectives line up; a slot without local work runs a 1-token dummy forward.
-    max_len = max(len(p) for p in per_rank)
-    n_blocks = math.ceil(max_len / block_samples)
+    # A sharded teacher's collectives must line up: in round i every rank runs as many batches as the largest block
+    # of the round (blocks differ only at the end); a slot without local work runs a 1-token dummy forward.
     t_compute, samples_done, rows_done = time.perf_counter(), 0, 0
-    for b in range(n_blocks):
-        lo, hi = b * block_samples, min((b + 1) * block_samples, len(mine))
-        need = not rank_done and b >= blocks_done and lo < hi
-        if sharded:
-            if not parallel.any_rank(need):
-                continue
-            slots = max(min(block_samples, len(p) - lo) for p in per_rank)
-        elif not need:
-            continue
-        else:
-            slots = hi - lo
+    for i in range(rounds):
+        samples = block_of(mine[i]) if i < len(mine) else selected[:0]
+        slots = max(len(block_of(x[i])) for x in share if i < len(x)) if sharded else len(samples)
+        counts_S = _loss_counts(ds.labels, samples)
+        first_S = np.zeros(len(samples), dtype=np.int64)
+        np.cumsum(counts_S[:-1], out=first_S[1:])
+        R = int(counts_S.sum())
+        ids_RK, lp_RK = np.zeros((R, k), dtype=id_dtype), np.zeros((R, k), dtype=st_dtype)
         for j in range(math.ceil(slots / batch_size)):
-            s_lo, s_hi = lo + j * batch_size, min(lo + (j + 1) * batch_size, hi)
-            if not need or s_lo >= s_hi:
+            s_lo, s_hi = j * batch_size, min((j + 1) * batch_size, len(samples))
+            if s_lo >= s_hi:
                 model.dummy_step()
                 continue
-            idx_N, ids_NK, logprobs_NK = model.loss_topk(ds.batch(mine[s_lo:s_hi]))
+            idx_N, ids_NK, logprobs_NK = model.loss_topk(ds.batch(samples[s_lo:s_hi]))
             ids, lp = _to_storage(ids_NK, logprobs_NK, id_dtype, lp_dtype)
             r0, n = int(first_S[s_lo]), int(counts_S[s_lo:s_hi].sum())
             if len(ids) != n:
-                raise RuntimeError(f"samples {mine[s_lo]}..{mine[s_hi - 1]}: the teacher returned {len(ids)} rows, "
-                                   f"the labels have {n} loss positions")
-            if n:
-                arrays["ids"][r0:r0 + n] = ids
-                arrays["logprobs"][r0:r0 + n] = lp
+                raise RuntimeError(f"samples {samples[s_lo]}..{samples[s_hi - 1]}: the teacher returned {len(ids)} "
+                                   f"rows, the labels have {n} loss positions")
+            ids_RK[r0:r0 + n], lp_RK[r0:r0 + n] = ids, lp
             samples_done += s_hi - s_lo
             rows_done += n
-        if need:
-            _commit_block(arrays, out_dir / names["progress"], settings, b + 1)
+        if i < len(mine):
+            _commit_block(out_dir, mine[i], samples, first_S, counts_S, ids_RK, lp_RK)
     seconds = time.perf_counter() - t_compute
 
-    if not rank_done:
-        _finish_rank(out_dir, names, arrays, partial, settings, mine, first_S, counts_S, R, k, id_dtype, st_dtype)
-    del arrays
-    manifest = _maybe_write_manifest(out_dir, settings, world_size, rank, teacher_path)
+    manifest = _maybe_write_manifest(out_dir, settings, n_blocks, rank, teacher_path)
     report = _report(rank, samples_done * int(ds.seq_len), rows_done, seconds, manifest, out_dir)
     report["wall_seconds"] = time.perf_counter() - t_start
     if rank == 0:
@@ -200,56 +175,44 @@ def _check_same(settings: dict, found: dict, where: Path) -> None:
                              f"fix: use the same setting, or another out_dir (or delete {where.parent})")
 
 
-def _commit_block(arrays, progress_path: Path, settings: dict, blocks_done: int) -> None:
-    """The block's rows reach the file before the progress that claims them (msync, then atomic rename)."""
-    if arrays is not None:
-        for a in arrays.values():
-            a.flush()
-    atomic_write_json(progress_path, {"settings": settings, "blocks_done": blocks_done})
-
-
-def _finish_rank(out_dir, names, arrays, partial, settings, mine, first_S, counts_S, R, k, id_dtype, st_dtype):
-    """Partial arrays -> final names, then the index, then the part file (the rank's commit)."""
-    if R == 0:
-        atomic_save_npy(out_dir / names["ids"], np.zeros((0, k), dtype=id_dtype))
-        atomic_save_npy(out_dir / names["logprobs"], np.zeros((0, k), dtype=st_dtype))
-    else:
-        if arrays is not None:
-            for a in arrays.values():
-                a.flush()
-        for n, p in partial.items():
-            if p.exists():  # absent only when a previous call renamed it and died before the part file
-                with open(p, "rb+") as f:
-                    os.fsync(f.fileno())
-                os.replace(p, out_dir / names[n])
-    index_S3 = np.stack([mine, first_S, counts_S], axis=1).astype(np.int64).reshape(-1, 3)
-    atomic_save_npy(out_dir / names["index"], index_S3)
+def _commit_block(out_dir: Path, block: int, samples, first_S, counts_S, ids_RK, lp_RK) -> None:
+    """The block's arrays (each an atomic, fsynced rename), then its part file: the commit."""
+    names = block_names(block)
+    atomic_save_npy(out_dir / names["ids"], ids_RK)
+    atomic_save_npy(out_dir / names["logprobs"], lp_RK)
+    atomic_save_npy(out_dir / names["index"], np.stack([samples, first_S, counts_S], axis=1).astype(np.int64)
+                    .reshape(-1, 3))
     nbytes = {n: os.path.getsize(out_dir / names[n]) for n in ("ids", "logprobs", "index")}
-    atomic_write_json(out_dir / names["part"], {"settings": settings, "rows": R, "samples": len(mine),
-                                                 "files": {n: names[n] for n in nbytes}, "bytes": nbytes})
-    (out_dir / names["progress"]).unlink(missing_ok=True)
+    atomic_write_json(out_dir / names["part"], {"block": block, "rows": len(ids_RK), "samples": len(samples),
+                                                "files": {n: names[n] for n in nbytes}, "bytes": nbytes})
 
 
-def _maybe_write_manifest(out_dir: Path, settings: dict, world_size: int, rank: int, teacher_path: Path):
-    """Write manifest.json once every rank's part exists; returns it (None while parts are missing)."""
+def _maybe_write_manifest(out_dir: Path, settings: dict, n_blocks: int, rank: int, teacher_path: Path):
+    """Write manifest.json once every block's part exists; returns it (None while blocks are missing)."""
     if parallel.is_distributed():
         import torch.distributed as dist
         dist.barrier()
         if rank != 0:
             return None
-    parts = [read_json(out_dir / shard_names(r, world_size)["part"]) for r in range(world_size)]
+    parts = [read_json(out_dir / block_names(b)["part"]) for b in range(n_blocks)]
     if any(p is None for p in parts):
         return None
+    # Every block is committed, so no write is in flight: the temporaries that killed runs left behind
+    # (`.<name>.tmp-<pid>` of the atomic writes) go now, and a finished store holds no stray file.
+    for stale in out_dir.glob(".*.tmp-*"):
+        stale.unlink(missing_ok=True)
     total_bytes = sum(sum(p["bytes"].values()) for p in parts)
     rows = sum(p["rows"] for p in parts)
     manifest = {
         **settings,
         "teacher": {"path": str(teacher_path), "weights": weights_sha256(teacher_path)},  # config: teacher_config
-        "shards": [{"rank": r, **p["files"], "rows": p["rows"], "samples": p["samples"], "bytes": p["bytes"]}
-                   for r, p in enumerate(parts)],
+        "shards": [{"block": b, **p["files"], "rows": p["rows"], "samples": p["samples"], "bytes": p["bytes"]}
+                   for b, p in enumerate(parts)],
         "rows": rows, "bytes": total_bytes,
         "bytes_per_token": total_bytes / rows if rows else None,
-        "sample_assignment": "selected samples (ascending; all, or those of rows_of) s_0, s_1, ...: s_i -> rank i % W",
+        "sample_assignment": "selected samples (ascending; all, or those of rows_of) s_0, s_1, ...: block b holds "
+                             "s_{b*block_samples} .. s_{(b+1)*block_samples - 1}; a world of W ranks gives each "
+                             "missing block b to rank b mod W",
     }
     atomic_write_json(out_dir / "manifest.json", manifest)
     return manifest
@@ -262,8 +225,6 @@ def _report(rank, tokens, loss_tokens, seconds, manifest, out_dir) -> dict:
     if manifest is not None:
         report.update(bytes=manifest["bytes"], rows=manifest["rows"], bytes_per_token=manifest["bytes_per_token"])
     return report
-
-
 
 
 def capture(cfg) -> None:
@@ -283,9 +244,10 @@ def capture(cfg) -> None:
         check_tokenizer_dir(tok_dir, "data.tokenizer" if d.tokenizer else f"teachers.{name}.path (its tokenizer)")
     env = parallel.init_distributed(cfg.run.device, cfg.parallel.timeout_s)
     try:
-        cache = Path(d.cache_dir) if d.cache_dir else Path(c.out).with_name(Path(c.out).name + ".data")
+        log = print if env.is_main else (lambda *a, **k: None)
         with reraise_as(DataError):
-            packed = build_packed(d, tok_dir, ["reference", "domain"] if c.rows_of else None, cache, env)
+            packed = build_packed(d, tok_dir, ["reference", "domain"] if c.rows_of else None, d.cache_dir or None,
+                                  env, log=log)
         with reraise_as(StoreError, f"capture.out={c.out!r}: "):
             run_capture(spec.path, packed, c.out, cfg.teachers.k, c.batch_size, rank=env.rank,
                         world_size=env.world_size, dtype=c.logprobs_dtype, teacher=c.rows_of or None,

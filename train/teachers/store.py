@@ -5,19 +5,17 @@ A store is one teacher's top-K (ids, log-probabilities) at every loss position (
 dataset, or of the sequences of one of its teachers (phase 2: one store per teacher over its own rows).
 
 Layout (every array a plain .npy, written with allow_pickle=False and read with mmap_mode="r"):
-    manifest.json                    written last; its presence means the store is complete
-    ids-{r}-of-{W}.npy               [R_r, K] uint16 when V <= 65,536, else int32: rank r's rows, best first
-    logprobs-{r}-of-{W}.npy          [R_r, K] float16, or bfloat16 bit patterns as uint16 (numpy has no bf16)
-    index-{r}-of-{W}.npy             [S_r, 3] int64: (sample index, first row, row count), one line per sample
-    part-{r}-of-{W}.json             rank r's settings and byte counts, committed after its arrays
-Rank r captures the r-th, (r+W)-th, ... of the selected sample indices; a sample's rows are its loss positions
-in ascending t, so reading sample s is one contiguous slice of one shard (random access through the page cache).
-
-While a capture runs, rank r fills `*.npy.partial` arrays preallocated to their final size (the row count of every
-sample is known from its labels before the teacher runs) in blocks of `block_samples` samples; after each block
-the arrays are flushed (msync) and progress-{r}-of-{W}.json is atomically replaced. A restarted capture reopens
-the partial arrays and continues after the last committed block; blocks and batches are the same as in an
-uninterrupted run, so the store comes out byte-identical.
+    manifest.json              written last; its presence means the store is complete
+    capture.json               the capture's settings, written first; a resumed capture must match them
+    ids-b{b}.npy               [R_b, K] uint16 when V <= 65,536, else int32: block b's rows, best first
+    logprobs-b{b}.npy          [R_b, K] float16, or bfloat16 bit patterns as uint16 (numpy has no bf16)
+    index-b{b}.npy             [S_b, 3] int64: (sample index, first row, row count), one line per sample
+    part-b{b}.json             block b's byte counts, committed after its arrays (the block's commit)
+Block b holds the selected samples b*block_samples .. (b+1)*block_samples - 1 (all samples, or those of one
+teacher); a sample's rows are its loss positions in ascending t, so reading sample s is one contiguous slice of one
+block (random access through the page cache). Blocks do not depend on the world size: a capture lists the blocks
+without a part file and rank r of W takes those with b mod W == r, so a capture killed at any point resumes at any
+world size, and its bytes equal an uninterrupted capture's (same blocks, same batches within each block).
 
 Dimensions: B batch rows, T tokens per row, K teacher top-k, V vocabulary, S samples (packed sequences),
 R stored rows (loss tokens), N loss positions of one batch.
@@ -35,7 +33,7 @@ import torch
 from train.data import IGNORE, tokenizer_fingerprint
 from train.teachers.signal import TopK, dense_topk, loss_positions
 
-FORMAT = "topk-store-v1"
+FORMAT = "topk-store-v2"  # v2: blocks as shards (world-size-independent resume)
 LOGPROB_DTYPES = ("float16", "bfloat16")
 
 # ----------------------------------------------------------------------------------------------------------
@@ -121,12 +119,6 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
 
 def read_json(path: Path):
     return json.loads(path.read_text()) if path.exists() else None
-
-
-def shard_names(rank: int, world_size: int) -> dict[str, str]:
-    tag = f"{rank:05d}-of-{world_size:05d}"
-    return {"ids": f"ids-{tag}.npy", "logprobs": f"logprobs-{tag}.npy", "index": f"index-{tag}.npy",
-            "part": f"part-{tag}.json", "progress": f"progress-{tag}.json"}
 
 
 def storage_dtype(lp_dtype: str) -> np.dtype:
