@@ -1,6 +1,5 @@
 """Our Mistral/Mixtral against transformers (the oracle), HF directories in and out, packing, upcycling."""
 import json
-import os
 
 import pytest
 import torch

@@ -161,3 +161,70 @@ def test_plan_cli_says_fits_or_names_the_fix(tmp_path, capsys):
     assert "does NOT fit" in out and ("shard the teacher" in out or "combine" in out)
     assert main(args + ["--plan.nodes=2", "--parallel.shard_group=3"]) == 2
     assert "shard_group=3 does not divide the world size 16" in capsys.readouterr().err
+
+
+def _tiny_run(tmp_path, sub="kd", extra=()):
+    tiny = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "vocab_size": 256}
+    for name, c in (("student", {**MISTRAL_7B, **tiny}), ("teacher", {**MIXTRAL_8X7B, **tiny})):
+        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name / "config.json").write_text(json.dumps(c))
+    base = [f"--teachers.teacher.path={tmp_path / 'teacher'}", "--data.seq_len=64", "--data.paths=x.jsonl"]
+    if sub != "capture":
+        base.append(f"--model.path={tmp_path / 'student'}")
+    else:
+        base.append(f"--capture.out={tmp_path / 'store'}")
+    return make_config(sub, None, base + list(extra))
+
+
+@pytest.mark.parametrize("sub", ["kd", "capture"])
+def test_fit_check_stops_a_run_that_cannot_fit_and_names_the_switch(tmp_path, sub):
+    """The start-up check that kd / dae / sft / capture run on CUDA, called here with a stated device memory:
+    the plan runs in a subprocess (as under torchrun), a tiny device refuses with the fix and the switch, a large
+    one passes, and the switch turns it off."""
+    from train import parallel
+    from train.plan import fit_check
+    cfg = _tiny_run(tmp_path, sub)
+    env = parallel.Env(0, 1, 0, torch.device("cpu"), False, 1)
+    lines = []
+    fit_check(cfg, env, 80.0, lines.append)
+    assert any("fit check: fits (planned peak" in x for x in lines), lines
+    assert any("simulation" in x for x in lines)
+    lines.clear()
+    with pytest.raises(ConfigError, match="cannot fit.*--parallel.fit_check=false"):
+        fit_check(cfg, env, 0.001, lines.append)
+    refusal = [x for x in lines if "> this GPU's 0.0 GB" in x]
+    assert refusal and ("fix:" in refusal[0] or "combine" in refusal[0]), lines
+    cfg.parallel.fit_check = False
+    lines.clear()
+    fit_check(cfg, env, 0.001, lines.append)
+    assert lines == ["fit check: off (parallel.fit_check=false)"]
+
+
+def _fit_rank(rank, world, init, tmp, results):
+    import torch.distributed as dist
+
+    from train import parallel
+    from train.plan import fit_check
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        cfg = _tiny_run(Path(tmp), "kd")
+        env = parallel.Env(rank, world, rank, torch.device("cpu"), True, world)
+        try:
+            fit_check(cfg, env, 0.001, lambda *a: None)
+            results[rank] = "started"
+        except ConfigError as e:
+            results[rank] = str(e)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fit_check_under_a_process_group_every_rank_stops(tmp_path):
+    """Inside a real (gloo) process group rank 0 plans in a subprocess and every rank gets its verdict."""
+    import torch.multiprocessing as mp
+    results = mp.Manager().dict()
+    init = f"file://{tmp_path / 'pg'}"
+    _tiny_run(tmp_path, "kd")
+    mp.spawn(_fit_rank, args=(2, init, str(tmp_path), results), nprocs=2)
+    assert set(results.keys()) == {0, 1}
+    assert all("cannot fit" in results[r] for r in (0, 1)), dict(results)

@@ -134,6 +134,9 @@ class ParallelConfig:
     shard_group: int = _f(0, "fsdp: ranks that shard one copy of the model; the world is replicate x shard "
                              "(HSDP) when it is smaller than the world. 0: the node's GPUs when there are "
                              "several nodes, else every rank")
+    fit_check: bool = _f(True, "on CUDA: at start-up, plan this run (train/main.py plan, in a subprocess on "
+                               "rank 0) against the GPU's memory and stop one whose planned peak exceeds it, "
+                               "naming the fix; false: start anyway")
 
 
 @dataclass

@@ -286,6 +286,9 @@ def _run(cfg: Config, env: parallel.Env, shapes: dict) -> Path:
         mesh = parallel.build_mesh(env.world_size, shard, env.device.type)
         out.info(f"mesh: {dict(zip(mesh.mesh_dim_names, mesh.shape))}, compute dtype {compute or torch.float32}")
     out.info(fast_paths(env.device, compute, shapes["student"]))
+    if env.device.type == "cuda":  # before any weights load: a run that cannot fit stops in seconds, not at OOM
+        from train.plan import GB, fit_check
+        fit_check(cfg, env, torch.cuda.get_device_properties(env.device).total_memory / GB, out.info)
 
     with reraise_as(DataError):
         packed, sampler = build_data(cfg, run_dir, env, out)

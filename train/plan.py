@@ -400,3 +400,114 @@ def run_plan(cfg) -> Plan:
         raise ConfigError(str(e)) from None
     print("\n".join(plan.lines))
     return plan
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The start-up fit check: kd / dae / sft / capture on CUDA
+
+
+def capture_peak(cfg, world: int, shard: int) -> tuple[int, list[str]]:
+    """Per-rank peak bytes of `capture` (one teacher, forward only, capture.batch_size sequences per forward):
+    the teacher's weights (its share when sharded) plus one forward's transient bytes; and its report lines."""
+    from train.config import torch_dtype
+    from train.preflight import read_model_args
+    (name, spec), = cfg.teachers.named.items()
+    t = TeacherPlan(name, read_model_args(spec.path, f"teachers.{name}.path"), spec.shard and world > 1)
+    check_world(t.args, [t], world, shard)
+    weights = _teacher_shares([t], world, shard, torch_dtype(cfg.teachers.dtype) or torch.bfloat16)
+    fwd = _teacher_forward_bytes(t, cfg.capture.batch_size, cfg.data.seq_len, shard)
+    lines = [f"capture plan (simulation; rank 0 of {world} GPUs): teacher {name!r} {_describe(t.args)}, "
+             f"{'sharded' if t.sharded else 'replicated'}: weights {weights / GB:.1f} GB + one forward of "
+             f"{cfg.capture.batch_size} x {cfg.data.seq_len} tokens {fwd / GB:.1f} GB"]
+    return weights + fwd, lines
+
+
+def _fit_child(subcommand: str, toml_path: str, nodes: int, gpus_per_node: int, gpu_memory_gb: float,
+               out_path: str) -> None:
+    """Runs in the subprocess that `fit_check` starts: plans the run and writes {fits, peak_gb, lines} as JSON."""
+    import json
+
+    from train.config import make_config
+    cfg = make_config(subcommand, toml_path)
+    cfg.plan.nodes, cfg.plan.gpus_per_node, cfg.plan.gpu_memory_gb = nodes, gpus_per_node, gpu_memory_gb
+    try:
+        if subcommand == "capture":
+            world, shard = plan_world(cfg)
+            peak, lines = capture_peak(cfg, world, shard)
+            result = {"peak_gb": peak / GB, "lines": lines, "fix": "fix: shard the teacher "
+                      "(--teachers.<name>.shard=true) or lower --capture.batch_size"}
+        else:
+            plan = make_plan(cfg)
+            verdict = plan.lines[-1].split("; ", 1)
+            result = {"peak_gb": plan.peak_gb, "lines": plan.lines,
+                      "fix": verdict[1] if len(verdict) > 1 else ""}
+    except PlanError as e:
+        result = {"error": str(e)}
+    with open(out_path, "w") as f:
+        json.dump(result, f)
+
+
+def fit_check(cfg, env, gpu_memory_gb: float, log) -> None:
+    """Stop a run whose planned peak exceeds `gpu_memory_gb` (the device's memory), naming the fix.
+
+    Rank 0 plans the run (make_plan; capture: capture_peak) for the world it is in (nodes = world / ranks per
+    node) in a subprocess: the plan opens a fake process group, which a torchrun worker that already has its
+    real one cannot (train.plan.fake_world). The other ranks wait for its verdict in one broadcast. A planned
+    peak above the device's whole memory refuses the run (ConfigError, exit 2 at the CLI); one above the
+    budget (memory - plan.headroom_gb) only warns: the plan was within 7 % of a measured CPU step (README),
+    and the headroom is a guess. Costs the time of one plan: seconds for small models, ~1-3 minutes of CPU for
+    a 7B student (two traced steps under fake tensors)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from train import parallel
+    from train.config import ConfigError, to_toml
+    if not cfg.parallel.fit_check:
+        log("fit check: off (parallel.fit_check=false)")
+        return
+    refuse = 0
+    if env.is_main:
+        gpus = max(1, env.local_world_size)
+        nodes = max(1, env.world_size // gpus)
+        log(f"fit check: planning this run on {nodes} x {gpus} GPU(s) of {gpu_memory_gb:.1f} GB (a simulation in a "
+            f"subprocess; skip with --parallel.fit_check=false)")
+        repo = str(Path(__file__).resolve().parents[1])
+        child_env = {k: v for k, v in os.environ.items()  # not a torchrun worker: no real process group there
+                     if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                                  "MASTER_ADDR", "MASTER_PORT") and not k.startswith("TORCHELASTIC_")}
+        child_env["CUDA_VISIBLE_DEVICES"] = ""  # fake tensors on the CPU: the child never touches a GPU
+        child_env["PYTHONPATH"] = os.pathsep.join(x for x in (repo, os.environ.get("PYTHONPATH")) if x)
+        with tempfile.TemporaryDirectory(prefix="distill-fit-") as tmp:
+            toml_path, out_path = Path(tmp) / "run.toml", Path(tmp) / "plan.json"
+            toml_path.write_text(to_toml(cfg))
+            code = (f"from train.plan import _fit_child; _fit_child({cfg.subcommand!r}, {str(toml_path)!r}, {nodes}, "
+                    f"{gpus}, {gpu_memory_gb!r}, {str(out_path)!r})")
+            proc = subprocess.run([sys.executable, "-c", code], env=child_env, capture_output=True, text=True)
+            result = json.loads(out_path.read_text()) if proc.returncode == 0 and out_path.exists() else None
+        if result is None:  # the check itself failed: say so and go on (it must never be why a run cannot start)
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            log(f"fit check: could not plan this run ({tail[0]}); starting without it")
+        elif "error" in result:
+            log(f"fit check: {result['error']}")
+            refuse = 2
+        else:
+            for line in result["lines"]:
+                log(line)
+            peak, budget = result["peak_gb"], gpu_memory_gb - cfg.plan.headroom_gb
+            if peak > gpu_memory_gb:
+                refuse = 1
+                log(f"fit check: planned peak {peak:.1f} GB > this GPU's {gpu_memory_gb:.1f} GB; {result['fix']}")
+            elif peak > budget:
+                log(f"fit check: WARNING planned peak {peak:.1f} GB leaves less than plan.headroom_gb="
+                    f"{cfg.plan.headroom_gb:g} GB of this GPU's {gpu_memory_gb:.1f} GB: it may run out of memory")
+            else:
+                log(f"fit check: fits (planned peak {peak:.1f} GB of {gpu_memory_gb:.1f} GB)")
+    refuse = parallel.broadcast_int(refuse, env)
+    if refuse:
+        raise ConfigError("this run cannot fit: " + ("its planned peak memory exceeds the GPU's" if refuse == 1 else
+                          "its world cannot shard the models evenly") + " (the fit check's lines above give "
+                          "the figures and the fix); to start anyway: --parallel.fit_check=false")

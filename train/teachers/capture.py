@@ -245,6 +245,9 @@ def capture(cfg) -> None:
     env = parallel.init_distributed(cfg.run.device, cfg.parallel.timeout_s)
     try:
         log = print if env.is_main else (lambda *a, **k: None)
+        if env.device.type == "cuda":  # before the teacher loads: stop a capture that cannot fit (train.plan)
+            from train.plan import GB, fit_check
+            fit_check(cfg, env, torch.cuda.get_device_properties(env.device).total_memory / GB, log)
         with reraise_as(DataError):
             packed = build_packed(d, tok_dir, ["reference", "domain"] if c.rows_of else None, d.cache_dir or None,
                                   env, log=log)
