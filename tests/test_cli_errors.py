@@ -144,6 +144,12 @@ def _file(w, name):
     return p
 
 
+def _vocab_model(w, vocab, name):
+    """A tiny model with one of the Mistral family's vocabulary sizes (2 MB of embeddings at dim 8)."""
+    out = w["tmp"] / f"vocab-{name}"
+    return out if out.exists() else fx.make_model(out, vocab, w["tok"], seed=6, dim=8, hidden=8, heads=2, kv_heads=1)
+
+
 def _other_vocab(w):
     return fx.make_model(w["tmp"] / "other-vocab", w["vocab"] + 7, seed=5)
 
@@ -193,6 +199,9 @@ CASES = [
     ("no-tokenizer", lambda w, r: ["kd", *base(w, r, **{"data.tokenizer": str(w["tmp"])})], "holds no tokenizer"),
     ("teacher-vocab", lambda w, r: ["kd", *base(w, r, **{"teachers.teacher.path": str(_other_vocab(w))})],
      "vocab_size"),
+    ("mistral-v0.1-student-v0.3-teacher", lambda w, r: ["kd", *base(w, r, **{
+        "model.path": str(_vocab_model(w, 32000, "v01")), "teachers.teacher.path": str(_vocab_model(w, 32768, "v03"))})],
+     "32,768-token teacher pairs with a student of Mistral-7B(-Instruct)-v0.3"),
     ("teacher-missing", lambda w, r: ["kd", *base(w, r, **{"teachers.teacher.path": str(w["tmp"] / "t-nope")})],
      "teachers.teacher.path"),
     ("k-over-vocab", lambda w, r: ["kd", *base(w, r, **{"teachers.k": 100000})], "teachers.k=100000"),

@@ -150,6 +150,21 @@ def check_store(store: str, name: str, vocab_size: int, cfg: Config, tok_dir: st
 
 
 
+# The Mistral family's two vocabularies: v1 (32,000 tokens: Mistral-7B v0.1 / v0.2, Mixtral-8x7B v0.1) and v3
+# (32,768: Mistral-7B v0.3, Mixtral-8x22B v0.1). The paper's pair is the v0.1 family.
+MISTRAL_VOCABS = {32000: "Mistral-7B(-Instruct)-v0.1/v0.2 or Mixtral-8x7B(-Instruct)-v0.1",
+                  32768: "Mistral-7B(-Instruct)-v0.3 or Mixtral-8x22B(-Instruct)-v0.1"}
+
+
+def pairing_hint(teacher_vocab: int, student_vocab: int) -> str:
+    """What pairs with what when a teacher and student come from the two Mistral vocabularies ('' otherwise)."""
+    if {teacher_vocab, student_vocab} != set(MISTRAL_VOCABS):
+        return ""
+    return (f". The {teacher_vocab:,}-token teacher pairs with a student of {MISTRAL_VOCABS[teacher_vocab]}; the "
+            f"{student_vocab:,}-token student with a teacher of {MISTRAL_VOCABS[student_vocab]} (the paper's pair: "
+            f"Mixtral-8x7B-Instruct-v0.1 teaching Mistral-7B-v0.1)")
+
+
 def preflight(cfg: Config) -> dict:
     """Everything that can be checked without loading weights or data; returns the models' ModelArgs."""
     sc = cfg.subcommand
@@ -175,7 +190,8 @@ def preflight(cfg: Config) -> dict:
             if t.vocab_size != student.vocab_size:
                 raise ConfigError(f"teacher {name!r} has vocab_size {t.vocab_size}, the student {student.vocab_size}: "
                                   f"top-k ids would index different tokens; use a teacher and student that share "
-                                  f"one tokenizer (never resize a vocabulary to make them agree)")
+                                  f"one tokenizer (never resize a vocabulary to make them agree)"
+                                  + pairing_hint(t.vocab_size, student.vocab_size))
             mine, theirs = tokenizer_fingerprint(tok_dir), tokenizer_fingerprint(spec.path)
             if mine is not None and theirs is not None and mine != theirs:
                 raise ConfigError(f"teacher {name!r} ({spec.path}) has a different tokenizer from the student's "
