@@ -585,6 +585,31 @@ def test_bad_configs_fail_early(world, tmp_path, no_heavy_work):
                                                   "teachers.teacher.store": str(store)}))
 
 
+def test_placements_that_do_not_fit_the_world_fail_early(world, tmp_path, no_heavy_work, monkeypatch):
+    """A placed teacher splits over one node's ranks: refused at start-up (preflight, before any weight or data)
+    when the world is not whole nodes, the teacher is dense under "expert", or its experts do not split evenly."""
+    moe = fx.make_model(tmp_path / "moe", world["vocab"], Path(world["tok"]), seed=3, moe=True)  # 4 experts
+    cases = [
+        ("8", "3", world["teacher"], "shard", r"8 ranks are not whole nodes of 3 \(LOCAL_WORLD_SIZE\)"),
+        ("4", "4", world["teacher"], "expert", r"teachers\.teacher\.placement = 'expert': teacher 'teacher' .* is "
+                                               r"dense"),
+        ("6", "3", str(moe), "expert", r"4 experts cannot be split whole over a node of 3 ranks"),
+        ("6", "3", str(moe), "shard", r"4 experts .* cannot be split evenly over a node of 3 ranks"),
+    ]
+    for ws, local, path, placement, pattern in cases:
+        monkeypatch.setenv("WORLD_SIZE", ws)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+        with pytest.raises(ConfigError, match=pattern):
+            L.run(cfg_for(world, tmp_path / "run", **{"teachers.teacher.path": path,
+                                                      "teachers.teacher.placement": placement}))
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # 2 nodes of 2: 4 experts split whole; the run goes on to start
+    with pytest.raises(AssertionError, match="heavy work started"):
+        L.run(cfg_for(world, tmp_path / "run", **{"teachers.teacher.path": str(moe),
+                                                  "teachers.teacher.placement": "expert"}))
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_help_and_errors(capsys):
     from train.main import main
     assert main(["--help"]) == 0

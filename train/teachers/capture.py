@@ -235,9 +235,10 @@ def capture(cfg) -> None:
     """The `capture` subcommand: one teacher over the packed data, once; each rank writes its share."""
     from train.data.prepare import build_packed
     from train.errors import DataError, StoreError, reraise_as
-    from train.preflight import check_data_paths, check_model_dir, check_tokenizer_dir
+    from train.preflight import check_data_paths, check_model_dir, check_placements, check_tokenizer_dir
     (name, spec), = cfg.teachers.named.items()
     teacher_args = check_model_dir(spec.path, f"teachers.{name}.path")
+    check_placements(cfg, {name: teacher_args})
     c, d = cfg.capture, cfg.data
     if cfg.teachers.k > teacher_args.vocab_size:
         raise StoreError(f"teachers.k={cfg.teachers.k} exceeds the teacher's vocabulary ({teacher_args.vocab_size}); "
