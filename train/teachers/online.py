@@ -62,16 +62,15 @@ class OnlineTeacher:
     @classmethod
     def load(cls, path, k: int, device="cpu", dtype: torch.dtype | None = None, shard: bool = False,
              chunk_rows: int | None = None, mesh=None, placement: str | None = None) -> "OnlineTeacher":
-        """Load an HF directory with `load_hf` and freeze it (no grad, eval). `placement` (config.PLACEMENTS;
+        """Load an HF directory with `load_hf` and freeze it (no grad, eval). `placement` (replicate | shard | expert;
         default: "shard" when `shard`, else "replicate"): "shard", when a process group is initialised, shards it
         with FSDP2 over `mesh` (a 1-D mesh, default every rank; the trainer passes the node's,
         train.parallel.node_mesh): built on the meta device and sharded, then given its weights by rank 0, which
         alone reads the whole teacher into host memory (train.parallel.materialize_from_rank0); each GPU holds
         1/W of it, so a teacher larger than one GPU fits. "expert": train.teachers.expert."""
-        from train.config import PLACEMENTS
         placement = placement or ("shard" if shard else "replicate")
-        if placement not in PLACEMENTS:
-            raise ValueError(f"placement={placement!r}; use one of {', '.join(PLACEMENTS)}")
+        if placement not in ("replicate", "shard", "expert"):  # train.config.PLACEMENTS (no import upward)
+            raise ValueError(f"placement={placement!r}; use one of replicate, shard, expert")
         if placement == "expert":
             try:
                 from train.teachers import expert
