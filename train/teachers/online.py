@@ -256,7 +256,7 @@ class TeacherSet:
             budget = self.max_tokens[name] if isinstance(self.sources[name], OnlineTeacher) and not whole else 0
             per_forward[name] = max(1, budget // T) if budget else max(1, n)
             local[name] = math.ceil(n / per_forward[name])
-        forwards = self._forwards_over_meshes(local)
+        forwards = self._forwards_over_meshes(local)  # host sync (sharded teachers): once per step
         out = [TopK(torch.zeros(*mb.labels_BT.shape, self.k, dtype=torch.long, device=self.device),
                     torch.zeros(*mb.labels_BT.shape, self.k, dtype=torch.float32, device=self.device))
                for mb in micro_batches]
