@@ -48,7 +48,30 @@ def test_each_component_gets_its_own_dataclass():
     cfg = make_config("kd", CONFIGS / "kd.toml")
     for s in SECTIONS["kd"]:
         assert isinstance(getattr(cfg, s), SECTION_TYPES[s])
-    assert cfg.teachers.named["teacher"] == TeacherConfig(path="models/Mixtral-8x7B-Instruct-v0.1")
+    assert cfg.teachers.named["teacher"] == TeacherConfig(path="models/Mixtral-8x7B-Instruct-v0.1",
+                                                          placement="replicate")
+
+
+def test_teacher_placement_resolves_and_refuses():
+    """placement: shard = true is "shard"; the resolved config says which; bad values are named errors."""
+    kd = CONFIGS / "kd.toml"
+    assert make_config("kd", kd).teachers.named["teacher"].placement == "replicate"
+    t = make_config("kd", kd, ["teachers.teacher.shard=true"]).teachers.named["teacher"]
+    assert (t.placement, t.shard) == ("shard", True)
+    t = make_config("kd", kd, ["teachers.teacher.placement=expert", "teachers.teacher.max_tokens=8192"])
+    assert (t.teachers.named["teacher"].placement, t.teachers.named["teacher"].shard) == ("expert", False)
+    assert t.teachers.named["teacher"].max_tokens == 8192
+    for overrides, pattern in [
+            (["teachers.teacher.placement=fsdp"], r"teachers\.teacher\.placement='fsdp'; use one of replicate, "
+                                                  r"shard, expert"),
+            (["teachers.teacher.shard=true", "teachers.teacher.placement=expert"], r"shard = true is placement = "
+                                                                                   r"\"shard\", but placement = "
+                                                                                   r"'expert'"),
+            (["teachers.teacher.max_tokens=-1"], r"teachers\.teacher\.max_tokens=-1"),
+            (["teachers.teacher.path=", "teachers.teacher.store=s", "teachers.teacher.placement=shard"],
+             r"a store has none")]:
+        with pytest.raises(ConfigError, match=pattern):
+            make_config("kd", kd, overrides)
 
 
 def test_sft_forces_lambda_zero():
@@ -61,7 +84,7 @@ def test_sft_forces_lambda_zero():
     (["parallel.compile=maybe"], r"not a boolean"),
     (["data.micro_batch=2.5"], r"data\.micro_batch"),
     (["nosection.key=1"], r"section \[nosection\] is not read by `kd`; valid sections: run, model"),
-    (["teachers.teacher.paths=x"], r"valid keys of \[teachers\.teacher\]: path, store, shard"),
+    (["teachers.teacher.paths=x"], r"valid keys of \[teachers\.teacher\]: path, store, shard, placement, max_tokens"),
     (["optim.lr"], r"must look like --section\.key=value"),
     (["a.b.c.d=1"], r"section\.key"),
     (["model.path="], r"model\.path is missing"),

@@ -15,7 +15,8 @@ from published_configs import MISTRAL_7B, MIXTRAL_8X7B, upcycled  # noqa: E402
 
 from model.hf import args_from_config  # noqa: E402
 from train.config import ConfigError, make_config  # noqa: E402
-from train.plan import PlanError, TeacherPlan, check_world, trace_step  # noqa: E402
+from train.plan import (GB, PlanError, TeacherPlan, Trace, _forward_peak, check_world,  # noqa: E402
+                        largest_rows_per_forward, trace_step)
 
 
 def n_params(a) -> int:
@@ -228,3 +229,42 @@ def test_fit_check_under_a_process_group_every_rank_stops(tmp_path):
     mp.spawn(_fit_rank, args=(2, init, str(tmp_path), results), nprocs=2)
     assert set(results.keys()) == {0, 1}
     assert all("cannot fit" in results[r] for r in (0, 1)), dict(results)
+
+
+def test_plan_chooses_the_teacher_token_budget(tmp_path, capsys):
+    """More rows per up-front teacher forward, more memory: the plan's largest fitting max_tokens is the last
+    row count under the budget; the CLI reports each teacher's placement, forwards per step and gathered bytes;
+    an expert placement of a dense teacher, or over a node its experts do not divide, is refused."""
+    from types import SimpleNamespace
+    mixtral = args_from_config(MIXTRAL_8X7B)
+    t = TeacherPlan("teacher", mixtral, True, "shard")
+    d = SimpleNamespace(micro_batch=1, grad_accum=16, seq_len=2048)
+    tr = Trace(params=10 * GB, grads=10 * GB, unsharded_grads=0, optimizer=20 * GB, teachers=12 * GB, peak=0,
+               activations=0, kinds={"Total": 41 * GB})  # below state + any teacher forward
+    peaks = [_forward_peak(tr, [t], d, 8, 32, {"teacher": r}) for r in range(1, 17)]
+    assert all(a < b for a, b in zip(peaks, peaks[1:]))
+    assert largest_rows_per_forward(tr, t, [t], d, 8, 32, (peaks[5] + peaks[6]) / 2) == 6
+    assert largest_rows_per_forward(tr, t, [t], d, 8, 32, peaks[0] - 1) == 0
+    assert TeacherPlan("t", mixtral, True, "shard", max_tokens=3 * 2048 + 5).rows_per_forward(16, 2048) == 3
+    with pytest.raises(PlanError, match="placement expert over a node of 8 GPUs, but it has no experts"):
+        check_world(mixtral, [TeacherPlan("teacher", args_from_config(MISTRAL_7B), True, "expert")], 8, 8)
+    with pytest.raises(PlanError, match="placement expert over a node of 3 GPUs, but it has 8 experts"):
+        check_world(mixtral, [TeacherPlan("teacher", mixtral, True, "expert")], 6, 6, 3)
+
+    from train.main import main
+    tiny = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "vocab_size": 256}
+    for name, c in (("student", {**MISTRAL_7B, **tiny}), ("teacher", {**MIXTRAL_8X7B, **tiny})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(c))
+    args = ["plan", f"--model.path={tmp_path / 'student'}", f"--teachers.teacher.path={tmp_path / 'teacher'}",
+            "--data.seq_len=64", "--data.grad_accum=4", "--plan.gpus_per_node=8", "--plan.nodes=2",
+            "--plan.gpu_memory_gb=80"]
+    assert main(args + ["--teachers.teacher.placement=shard", "--teachers.teacher.max_tokens=128"]) == 0
+    out = capsys.readouterr().out
+    assert "teacher teacher: sharded over the node's 8 GPUs; max_tokens 128: 2 rows x 64 = 128 tokens per " \
+           "forward, 2 forward(s) per step" in out, out
+    assert "GB all-gathered per GPU per forward" in out and "largest that fits: max_tokens 256" in out
+    assert main(args) == 0
+    assert "teacher teacher: replicated (a whole copy per GPU); max_tokens auto (a step): 4 rows" in \
+        capsys.readouterr().out

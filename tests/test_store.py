@@ -271,7 +271,7 @@ _FSDP_SCRIPT = textwrap.dedent("""
     rank = dist.get_rank()
     packed = PackedDataset.load(data)
     # "reference" is sharded over both ranks; rank 0's batch has no reference row, so it must join the reference
-    # teacher's collectives with a dummy step while rank 1 runs its rows.
+    # teacher's collectives with a forward on zero rows while rank 1 runs its rows.
     import train.teachers.online as T
     loads, real_load = [], T.load_hf
     T.load_hf = lambda path, dtype, device: (loads.append((str(path), str(device))), real_load(path, dtype, device))[1]
@@ -289,13 +289,19 @@ _FSDP_SCRIPT = textwrap.dedent("""
     want = plain.signals(batch)
     assert torch.equal(got.ids_BTK, want.ids_BTK) and torch.equal(got.logprobs_BTK, want.logprobs_BTK)
     assert sharded.rows_seen == [{"reference": 0, "domain": 2}, {"reference": 2, "domain": 1}][rank]
-    assert sharded.dummy_steps["reference"] == [1, 0][rank], sharded.dummy_steps
+    assert sharded.empty_forwards["reference"] == [1, 0][rank], sharded.empty_forwards
+    assert sharded.forwards == {"reference": 1, "domain": [1, 1][rank]}, sharded.forwards
+    # One forward gathers every parameter but this rank's shard: over both ranks, (W - 1) x the teacher's bytes.
+    got_bytes = torch.tensor([sharded.gathered_bytes["reference"]])
+    dist.all_reduce(got_bytes)
+    n_params = sum(p.numel() for p in plain.sources["reference"].model.parameters())
+    assert got_bytes.item() == (2 - 1) * n_params * 4 and sharded.gathered_bytes["domain"] == 0, got_bytes
     # Sharded capture: 21 samples in blocks of 4 (the last holds 1) over 2 ranks: in the last round rank 0's block
-    # has 4 samples (2 batches) and rank 1's 1 (1 batch), so rank 1 joins rank 0's second batch with a dummy forward.
-    dummies, real_dummy = [], OnlineTeacher.dummy_step
-    OnlineTeacher.dummy_step = lambda self: (dummies.append(1), real_dummy(self))
+    # has 4 samples (2 batches) and rank 1's 1 (1 batch), so rank 1 joins rank 0's second batch with an empty forward.
+    dummies, real_empty = [], OnlineTeacher.empty_step
+    OnlineTeacher.empty_step = lambda self, T: (dummies.append(T), real_empty(self, T))
     run_capture(teacher, packed, out, k=%d, batch_size=2, rank=rank, world_size=2, block_samples=4, shard=True)
-    assert len(dummies) == [0, 1][rank], dummies
+    assert dummies == [[], [packed.seq_len]][rank], dummies
     dist.destroy_process_group()
 """ % (K, K, K))
 

@@ -1,4 +1,12 @@
-"""Online teacher signals: chunked top-k against full logits, the TopK contract, one teacher per row."""
+"""Online teacher signals: chunked top-k against full logits, the TopK contract, one teacher per row; a step's
+signals up front equal the per-micro-batch ones; sharded over a node's mesh (2 and 4 gloo ranks) they equal the
+single-process teacher's, with the counters that prove the work (forwards, rows, gathered bytes)."""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -121,7 +129,7 @@ def test_two_teachers_each_row_from_its_own(tmp_path):
         torch.testing.assert_close(got.logprobs_BTK[b], own.logprobs_BTK[0], rtol=1e-5, atol=1e-5)
         assert not torch.equal(got.ids_BTK[b], other.ids_BTK[0])  # the teachers really differ
 
-    teachers.signals(packed.batch([5, 0]))  # a one-teacher batch takes the no-scatter path
+    teachers.signals(packed.batch([5, 0]))  # a one-teacher batch: the domain teacher does not run
     assert teachers.rows_seen == {"reference": 4, "domain": 3}
 
 
@@ -145,3 +153,111 @@ def test_spec_and_lookup_errors(tmp_path):
     teachers = TeacherSet({}, k=4, device="cpu")
     with pytest.raises(ValueError, match="no teacher 'x'"):
         teachers.online("x")
+
+
+def assert_topk_matches(got: TopK, ref: TopK, k: int) -> None:
+    """`got` (K = k) against `ref` (K = k + 1, the single-process teacher): log-probs within 1e-6 (fp32), ids exact
+    wherever the rank is unambiguous: the log-prob gaps to both neighbours (the (k+1)-th included) exceed 1e-5."""
+    lp = ref.logprobs_BTK
+    torch.testing.assert_close(got.logprobs_BTK, lp[..., :k], rtol=0, atol=1e-6)
+    gap_next = lp[..., :k] - lp[..., 1:k + 1]
+    gap_prev = torch.cat([torch.full_like(gap_next[..., :1], float("inf")), gap_next[..., :-1]], -1)
+    clear = (gap_next.abs() > 1e-5) & (gap_prev.abs() > 1e-5)
+    assert clear.any()  # not a vacuous comparison
+    assert torch.equal(got.ids_BTK[clear], ref.ids_BTK[..., :k][clear])
+
+
+def test_step_signals_up_front_equal_per_micro_batch(tmp_path):
+    """Three micro-batches, a dense reference (max_tokens = 2 rows) and an MoE domain teacher (0: one forward):
+    the up-front signals equal the per-micro-batch ones and the single-process k+1 oracle; each teacher runs
+    ceil(rows / rows per forward) times on its own rows only; a teacher without rows in a step does not run."""
+    K = 4
+    ref, dom = str(_teacher_dir(tmp_path / "ref", 1)), str(_teacher_dir(tmp_path / "dom", 2, moe=True))
+    teachers = build_teachers({"reference": {"path": ref, "max_tokens": 2 * L + 3}, "domain": {"path": dom}}, k=K,
+                              names=["reference", "domain"])
+    oracle = build_teachers({"reference": {"path": ref}, "domain": {"path": dom}}, k=K + 1,
+                            names=["reference", "domain"])
+    calls = {}
+    for name in teachers.sources:
+        teachers.online(name).register_forward_hook(
+            lambda m, args, out, name=name: calls.setdefault(name, []).append(args[0].shape[0]))
+    packed = _packed(9, [0, 1, 1, 0, 0, 1, 0, 0, 0])
+    mbs = [packed.batch([0, 1, 2]), packed.batch([3, 4, 6]), packed.batch([7, 8, 5])]
+    up = teachers.step_signals(mbs)
+    # reference: rows 0 | 3 4 6 | 7 8 = 6 rows, 2 per forward (budget 2L + 3 tokens): 3 forwards; domain: 3 rows, 1
+    assert calls == {"reference": [2, 2, 2], "domain": [3]}, calls
+    assert teachers.counters() == {
+        "domain": {"rows": 3, "forwards": 1, "empty_forwards": 0, "gathered_bytes": 0},
+        "reference": {"rows": 6, "forwards": 3, "empty_forwards": 0, "gathered_bytes": 0}}
+    per = [teachers.signals(mb) for mb in mbs]  # today's path: each teacher once per micro-batch it has rows in
+    assert teachers.forwards == {"reference": 3 + 3, "domain": 1 + 2}
+    for u, p, mb in zip(up, per, mbs):
+        want = oracle.signals(mb)
+        assert_topk_matches(u, want, K)
+        assert_topk_matches(p, want, K)
+        torch.testing.assert_close(u.logprobs_BTK, p.logprobs_BTK, rtol=0, atol=1e-6)
+    calls.clear()
+    teachers.step_signals([packed.batch([0, 3]), packed.batch([4])])  # no domain row in this step
+    assert calls == {"reference": [2, 1]} and teachers.forwards["domain"] == 3
+
+
+_MESH_SCRIPT = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist
+    sys.path.insert(0, sys.argv[4])
+    from test_teacher import L, _packed, assert_topk_matches
+    from train import parallel
+    from train.teachers import build_teachers
+    ref, dom, node, K = sys.argv[1], sys.argv[2], int(sys.argv[3]), 4
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    # `node` ranks per node (as torchrun's LOCAL_WORLD_SIZE would say): the teachers shard over the node only.
+    env = parallel.Env(rank, world, rank % node, torch.device("cpu"), False, local_world_size=node)
+    mesh = parallel.node_mesh(env)
+    assert mesh.size() == node
+    specs = {"reference": {"path": ref, "placement": "shard", "max_tokens": L}, "domain": {"path": dom, "shard": True}}
+    sharded = build_teachers(specs, k=K, names=["reference", "domain"], mesh=mesh)
+    oracle = build_teachers({"reference": {"path": ref}, "domain": {"path": dom}}, k=K + 1,
+                            names=["reference", "domain"])
+    packed = _packed(12, [0] * 6 + [1] * 6)  # samples 0-5: reference, 6-11: domain
+    layout = [[[0, 6], [1, 2]], [[3, 4], [5, 0]], [[1, 3], [2, 4]], [[5, 0], [1, 2]]][rank]
+    mbs = [packed.batch(x) for x in layout]
+    up = sharded.step_signals(mbs)
+    # reference: one row per forward, 4 forwards on every rank (the most rows on a rank of the node), rank 0 (3
+    # rows) joins one with zero rows. domain: rows on rank 0 only: node 0 runs one forward (rank 1 on zero rows),
+    # node 1 (ranks 2, 3) none at all: no forward, no gather.
+    c = sharded.counters()
+    ref_rows, dom_rows = [3, 4, 4, 4][rank], [1, 0, 0, 0][rank]
+    assert {n: (x["rows"], x["forwards"], x["empty_forwards"]) for n, x in c.items()} == {
+        "reference": (ref_rows, 4, 4 - ref_rows), "domain": (dom_rows, int(rank < 2), int(rank == 1))}, c
+    for name, src in sharded.sources.items():
+        assert c[name]["gathered_bytes"] == c[name]["forwards"] * src.gather_bytes
+        per_forward = torch.tensor([src.gather_bytes])
+        dist.all_reduce(per_forward, group=mesh.get_group())  # each rank receives all but its own shard
+        total = sum(p.numel() * p.element_size() for p in oracle.sources[name].model.parameters())
+        assert per_forward.item() == (node - 1) * total, (name, per_forward, total)
+    per = [sharded.signals(mb) for mb in mbs]
+    for u, p, mb in zip(up, per, mbs):
+        want = oracle.signals(mb)
+        assert_topk_matches(u, want, K)
+        assert_topk_matches(p, want, K)
+    dist.destroy_process_group()
+    open(f"{sys.argv[5]}/ok-{rank}", "w").write(repr(c))  # a file per rank: the ranks' stdout lines interleave
+""")
+
+
+@pytest.mark.parametrize("world,node", [(2, 2), (4, 2)], ids=["2-ranks-1-node", "4-ranks-2-nodes"])
+def test_sharded_over_node_mesh_equals_single_process(tmp_path, world, node):
+    """Gloo ranks on the CPU, a dense (reference) and an MoE (domain) teacher FSDP2-sharded over each node's
+    ranks: the up-front and per-micro-batch signals equal the single-process teacher's (log-probs within 1e-6,
+    ids exact where unambiguous), a rank without rows of a teacher joins its node's forwards on zero rows, and a
+    node where no rank has a row of it runs nothing; forwards, rows and gathered bytes as computed."""
+    ref, dom = _teacher_dir(tmp_path / "ref", 1), _teacher_dir(tmp_path / "dom", 2, moe=True)
+    script = tmp_path / "mesh.py"
+    script.write_text(_MESH_SCRIPT)
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(world), str(script), str(ref), str(dom), str(node), str(repo / "tests"), str(tmp_path)],
+                          env=env, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("ok-*")) == [f"ok-{r}" for r in range(world)]

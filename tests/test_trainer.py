@@ -430,6 +430,62 @@ def test_mfu_is_per_device(world, tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------------------
+# Teacher signals up front: the same losses as per micro-batch, fewer forwards, counters in metrics.jsonl
+
+
+def records(run_dir) -> list[dict]:
+    return [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_signals_up_front_same_losses_fewer_forwards(world, tmp_path, monkeypatch):
+    """kd, grad_accum 3 x micro_batch 2: the teacher runs once per step up front (max_tokens 0), or once per row
+    with max_tokens = seq_len, against today's once per micro-batch; losses within 1e-6 relative."""
+    kw = {"data.grad_accum": 3, "checkpoint.export_final": False}
+    up = L.run(cfg_for(world, tmp_path / "up", steps=3, **kw))
+    rows = L.run(cfg_for(world, tmp_path / "rows", steps=3, **kw, **{"teachers.teacher.max_tokens": 64}))
+    monkeypatch.setattr(L, "step_signals", lambda ctx, micro_batches: None)  # today's per-micro-batch path
+    per = L.run(cfg_for(world, tmp_path / "per", steps=3, **kw))
+    a, b, c = losses(up), losses(rows), losses(per)
+    assert np.allclose(a, c, rtol=1e-6, atol=0) and np.allclose(b, c, rtol=1e-6, atol=0), (a, b, c)
+    for run_dir, forwards in ((up, 1), (rows, 6), (per, 3)):
+        for r in records(run_dir):
+            assert r["teacher.teacher.forwards"] == forwards and r["teacher.teacher.rows"] == 6, r
+            assert r["teacher.teacher.empty_forwards"] == 0 and r["teacher.teacher.gathered_bytes"] == 0, r
+
+
+def test_dae_sharded_teachers_two_ranks_equal_one(tmp_path):
+    """dae with both teachers sharded over 2 gloo ranks (torchrun, DDP student), 2 rows per forward, equals one
+    process with replicated teachers and the same global batch; rows per teacher (all ranks) agree, and rank 0
+    gathers each teacher less its own shard per forward."""
+    w = fx.make_world(tmp_path / "w", n_rows=60, domain_every=3)
+    domain_teacher = fx.make_model(tmp_path / "domain", w["vocab"], Path(w["tok"]), seed=7, layers=1)
+    def overrides(run_dir, **kw):
+        o = base_overrides(w, run_dir, steps=3, **{"teachers.teacher.path": None, "data.micro_batch": 2,
+                                                   "data.domain_fraction": 0.5, "checkpoint.export_final": False,
+                                                   **kw})
+        return o + [f"teachers.reference.path={w['teacher']}", f"teachers.domain.path={domain_teacher}"]
+    one = L.run(make_config("dae", None, overrides(tmp_path / "one", **{"data.grad_accum": 4})))
+    placed = [f"teachers.{n}.{k}={v}" for n in ("reference", "domain") for k, v in
+              (("placement", "shard"), ("max_tokens", 128))]
+    toml = write_toml(tmp_path / "two.toml", overrides(tmp_path / "two", **{"data.grad_accum": 2}) + placed)
+    _torchrun(["dae", "--config", str(toml), "--parallel.strategy=ddp"])
+    a, b = records(one), records(tmp_path / "two")
+    # Rank 0's bytes received per forward: every parameter less its shard (FSDP2: dim 0 split in ceil(d0 / 2) rows).
+    per_forward = {n: sum((p.numel() - math.ceil(p.shape[0] / 2) * p[0].numel()) * p.element_size()
+                          for p in load_hf(path).parameters())
+                   for n, path in (("reference", w["teacher"]), ("domain", domain_teacher))}
+    assert np.allclose([r["loss"] for r in a], [r["loss"] for r in b], rtol=2e-6, atol=0), (a, b)
+    for ra, rb in zip(a, b):
+        for n in ("reference", "domain"):
+            assert ra[f"teacher.{n}.rows"] == rb[f"teacher.{n}.rows"]
+            assert ra[f"teacher.{n}.gathered_bytes"] == 0
+            assert rb[f"teacher.{n}.gathered_bytes"] == rb[f"teacher.{n}.forwards"] * per_forward[n] > 0
+        assert sum(ra[f"teacher.{n}.rows"] for n in ("reference", "domain")) == 8
+    print("2 ranks, rank 0's teacher counters per step:", [{k: v for k, v in r.items() if k.startswith("teacher.")}
+                                                          for r in b])
+
+
+# ------------------------------------------------------------------------------------------------------------
 # sft, upcycle + MoE student, store round trip
 
 
@@ -527,6 +583,31 @@ def test_bad_configs_fail_early(world, tmp_path, no_heavy_work):
     with pytest.raises(ConfigError, match="only the rows of teacher 'domain'.*capture without capture.rows_of"):
         L.run(cfg_for(world, tmp_path / "run", **{"teachers.teacher.path": None,
                                                   "teachers.teacher.store": str(store)}))
+
+
+def test_placements_that_do_not_fit_the_world_fail_early(world, tmp_path, no_heavy_work, monkeypatch):
+    """A placed teacher splits over one node's ranks: refused at start-up (preflight, before any weight or data)
+    when the world is not whole nodes, the teacher is dense under "expert", or its experts do not split evenly."""
+    moe = fx.make_model(tmp_path / "moe", world["vocab"], Path(world["tok"]), seed=3, moe=True)  # 4 experts
+    cases = [
+        ("8", "3", world["teacher"], "shard", r"8 ranks are not whole nodes of 3 \(LOCAL_WORLD_SIZE\)"),
+        ("4", "4", world["teacher"], "expert", r"teachers\.teacher\.placement = 'expert': teacher 'teacher' .* is "
+                                               r"dense"),
+        ("6", "3", str(moe), "expert", r"4 experts cannot be split whole over a node of 3 ranks"),
+        ("6", "3", str(moe), "shard", r"4 experts .* cannot be split evenly over a node of 3 ranks"),
+    ]
+    for ws, local, path, placement, pattern in cases:
+        monkeypatch.setenv("WORLD_SIZE", ws)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+        with pytest.raises(ConfigError, match=pattern):
+            L.run(cfg_for(world, tmp_path / "run", **{"teachers.teacher.path": path,
+                                                      "teachers.teacher.placement": placement}))
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # 2 nodes of 2: 4 experts split whole; the run goes on to start
+    with pytest.raises(AssertionError, match="heavy work started"):
+        L.run(cfg_for(world, tmp_path / "run", **{"teachers.teacher.path": str(moe),
+                                                  "teachers.teacher.placement": "expert"}))
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_help_and_errors(capsys):

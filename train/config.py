@@ -76,11 +76,20 @@ class DataConfig:
     num_proc: int | None = _f(None, "tokenisation processes when preparing; leave out: every CPU core", example=8)
 
 
+PLACEMENTS = ("replicate", "shard", "expert")  # how an online teacher's weights sit on the GPUs of a node
+
+
 @dataclass
 class TeacherConfig:
     path: str = _f("", "online teacher: HF directory, loaded frozen on every rank")
     store: str = _f("", "offline teacher: top-k store directory written by `capture`")
-    shard: bool = _f(False, "online teacher: FSDP2-shard it over the ranks (for a teacher larger than one GPU)")
+    shard: bool = _f(False, "online teacher: the same as placement = \"shard\" (kept for older configs)")
+    placement: str = _f("", "online teacher: replicate (a whole copy on every GPU), shard (FSDP2 over the GPUs of "
+                            "one node, for a teacher larger than one GPU) or expert (each GPU of the node holds "
+                            "whole experts); empty: shard when shard = true, else replicate")
+    max_tokens: int = _f(0, "online teacher: tokens per forward when a step's signals are computed up front (the "
+                            "rows of all micro-batches together); 0 = all of a step's rows in one forward; `plan` "
+                            "reports the largest that fits")
 
 
 @dataclass
@@ -448,6 +457,19 @@ def validate(cfg: Config) -> None:
             if sc == "capture":
                 _require(bool(spec.path), f"teachers.{name}: capture runs the teacher, so it needs path = "
                                           f"\"<HF dir>\", not a store")
+            _require(spec.placement in ("",) + PLACEMENTS,
+                     f"teachers.{name}.placement={spec.placement!r}; use one of {', '.join(PLACEMENTS)}")
+            _require(not spec.shard or spec.placement in ("", "shard"),
+                     f"teachers.{name}: shard = true is placement = \"shard\", but placement = "
+                     f"{spec.placement!r}; remove shard (or set it to false)")
+            spec.placement = spec.placement or ("shard" if spec.shard else "replicate")
+            spec.shard = spec.placement == "shard"  # one truth; a resolved config reads back the same
+            _require(not spec.store or spec.placement == "replicate",
+                     f"teachers.{name}: placement = {spec.placement!r} places an online teacher's weights; a store "
+                     f"has none: remove placement/shard or give path instead of store")
+            _require(spec.max_tokens >= 0, f"teachers.{name}.max_tokens={spec.max_tokens}; use 0 (a whole step's "
+                                           f"rows per forward) or a positive token count, e.g. a multiple of "
+                                           f"data.seq_len")
         if sc == "dae":
             _require(set(t.named) == {"reference", "domain"},
                      f"dae needs exactly the teachers `reference` and `domain` (got {sorted(t.named)}); name the "

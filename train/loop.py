@@ -7,9 +7,12 @@ the configuration (train/preflight.py) before any weights or data are loaded, bu
 student, and then repeats `train_step`:
 
     train_step          one optimizer step: the step's loss-token count (all micro-batches and ranks, one
-                        all-reduce, a device tensor), forward_backward per micro-batch, clip, AdamW, metrics
-    forward_backward    one micro-batch: the rows' teacher signals (each row from its own teacher), the
-                        student forward and fused loss inside the wrapped module (train/loss.py), backward
+                        all-reduce, a device tensor), the teacher signals of every micro-batch up front
+                        (step_signals: each row from its own teacher, each teacher in as few forwards as its
+                        max_tokens allows), forward_backward per micro-batch, clip, AdamW, metrics
+    forward_backward    one micro-batch: the student forward and fused loss inside the wrapped module
+                        (train/loss.py), backward; with the attention-transfer term the teacher runs here, per
+                        micro-batch, to capture its queries and keys
 
 From `train_step` to each kernel's public op: train_step -> forward_backward -> StudentWithLoss.forward ->
 kernels.linear_topk_kd_loss (3 calls); the MoE ops are reached through the model's forward.
@@ -81,6 +84,17 @@ def global_loss_tokens(micro_batches, env: parallel.Env) -> torch.Tensor:
     return n.clamp_(min=1.0)
 
 
+def step_signals(ctx: StepContext, micro_batches) -> list | None:
+    """The teacher signals (TopK) of every micro-batch of the step, computed up front (TeacherSet.step_signals:
+    each teacher on its own rows, in as few forwards as its max_tokens allows; a teacher no rank of its mesh
+    needs this step does not run). None for sft, and with the attention-transfer term, whose per-layer teacher
+    queries and keys must be captured per micro-batch (a whole step's would not fit): see teacher_signal."""
+    if ctx.teachers is None or ctx.attn_teacher is not None:
+        return None
+    with torch.no_grad():
+        return ctx.teachers.step_signals(micro_batches)
+
+
 def teacher_signal(ctx: StepContext, batch):
     """(ids_BTK, logprobs_BTK, teacher_qk) for one CPU micro-batch: each row from its own teacher only."""
     B, T = batch.labels_BT.shape
@@ -97,9 +111,13 @@ def teacher_signal(ctx: StepContext, batch):
     return sig.ids_BTK, sig.logprobs_BTK, teacher_qk
 
 
-def forward_backward(ctx: StepContext, batch, normalizer, last: bool) -> LossStats:
-    """One micro-batch: teacher signal, student forward + fused loss, backward. Returns the detached stats."""
-    ids_BTK, logprobs_BTK, teacher_qk = teacher_signal(ctx, batch)
+def forward_backward(ctx: StepContext, batch, normalizer, last: bool, signal=None) -> LossStats:
+    """One micro-batch: teacher signal (`signal`, its TopK computed up front, or now), student forward + fused
+    loss, backward. Returns the detached stats."""
+    if signal is not None:
+        ids_BTK, logprobs_BTK, teacher_qk = signal.ids_BTK, signal.logprobs_BTK, None
+    else:
+        ids_BTK, logprobs_BTK, teacher_qk = teacher_signal(ctx, batch)
     spans = spans_to(batch.doc_ids_BT, ctx.env.device)  # document boundaries from the CPU ids: no device sync
     b = batch.to(ctx.env.device, non_blocking=True)
     with parallel.grad_sync(ctx.module, enabled=last):
@@ -113,20 +131,34 @@ def train_step(ctx: StepContext, micro_batches, lr: float, stop=None) -> dict:
     """One optimizer step over this rank's micro-batches. Skips the update when the loss or the gradient is not
     finite (every rank sees the same all-reduced values, so all skip together). `stop.requested` (a StopFlag)
     is read after the backward and summed over ranks with the metrics: a signal on any rank during this step
-    stops every rank after it."""
+    stops every rank after it. s["teachers"][name]: this step's teacher counters (TeacherSet): rows summed over
+    the ranks (in the metrics' one all-reduce), forwards, empty forwards and gathered bytes of this rank."""
     for group in ctx.optimizer.param_groups:
         group["lr"] = lr
     normalizer = global_loss_tokens(micro_batches, ctx.env)
-    sums = torch.zeros(len(STEP_STATS), device=ctx.env.device)
+    before = ctx.teachers.counters() if ctx.teachers is not None else {}
+    signals = step_signals(ctx, micro_batches)
+    n_stats = len(STEP_STATS)
+    sums = torch.zeros(n_stats + len(before), device=ctx.env.device)
     for i, mb in enumerate(micro_batches):
-        stats = forward_backward(ctx, mb, normalizer, last=i == len(micro_batches) - 1)
+        stats = forward_backward(ctx, mb, normalizer, last=i == len(micro_batches) - 1,
+                                 signal=signals[i] if signals is not None else None)
         sums[:len(LossStats._fields)] += torch.stack(list(stats))
     ctx.check_ids = False
     sums[STEP_STATS.index("stop")] = float(stop is not None and stop.requested)
+    teachers = {}
+    if before:
+        after = ctx.teachers.counters()
+        teachers = {n: {key: after[n][key] - before[n][key] for key in after[n]} for n in after}
+        sums[n_stats:] = torch.tensor([float(t["rows"]) for t in teachers.values()])  # small ints: exact in fp32
     parallel.all_reduce_sum(sums, ctx.env)
     grad_norm = clip_grad_norm(ctx.module, ctx.grad_clip)
     values = torch.cat([sums, grad_norm.reshape(1).to(sums), normalizer.reshape(1)]).tolist()  # host sync: 1/step
-    s = dict(zip(STEP_STATS + ("grad_norm", "n_tokens"), values))
+    s = dict(zip(STEP_STATS, values[:n_stats]))
+    s["grad_norm"], s["n_tokens"] = values[-2], values[-1]
+    for (name, t), rows in zip(teachers.items(), values[n_stats:n_stats + len(teachers)]):
+        t["rows"] = int(rows)
+    s["teachers"] = teachers
     s["finite"] = math.isfinite(s["loss"]) and math.isfinite(s["grad_norm"])
     if s["finite"]:
         ctx.optimizer.step()
@@ -195,14 +227,15 @@ def build_data(cfg: Config, run_dir: Path, env: parallel.Env, out: Output):
 
 
 def build_teachers(cfg: Config, packed, env: parallel.Env, mesh=None):
-    """TeacherSet whose `names` follow the packed data's teacher indices (kd: every index is the one teacher)."""
+    """TeacherSet whose `names` follow the packed data's teacher indices (kd: every index is the one teacher).
+    `mesh`: the 1-D mesh that sharded / expert-placed teachers split over (the node's: train.parallel.node_mesh)."""
     if cfg.subcommand == "sft":
         return None
     from train.teachers import TeacherSpec
     from train.teachers import build_teachers as build
     t = cfg.teachers
-    specs = {name: TeacherSpec(path=s.path or None, store=s.store or None, shard=s.shard)
-             for name, s in t.named.items()}
+    specs = {name: TeacherSpec(path=s.path or None, store=s.store or None, placement=s.placement,
+                               max_tokens=s.max_tokens) for name, s in t.named.items()}
     if cfg.subcommand == "kd":
         (only,) = t.named
         names = [only] * len(packed.teacher_names)
@@ -280,11 +313,16 @@ def _run(cfg: Config, env: parallel.Env, shapes: dict) -> Path:
              f"strategy {strategy}" + (f", resuming from {resume_from}" if resume_from else ""))
 
     compute = parallel.compute_dtype(cfg.parallel.mixed_precision, env.device)
-    mesh = None  # FSDP2's (1-D, or 2-D replicate x shard for HSDP); sharded teachers use its shard dimension
-    if strategy == "fsdp" or (env.distributed and any(t.shard for t in cfg.teachers.named.values())):
+    mesh = None  # FSDP2's (1-D, or 2-D replicate x shard for HSDP)
+    if strategy == "fsdp":
         shard = parallel.shard_group_size(cfg.parallel.shard_group, env.world_size, env.local_world_size)
         mesh = parallel.build_mesh(env.world_size, shard, env.device.type)
         out.info(f"mesh: {dict(zip(mesh.mesh_dim_names, mesh.shape))}, compute dtype {compute or torch.float32}")
+    teacher_mesh = None  # sharded / expert-placed teachers: the node's ranks only (their gathers stay on the node)
+    placed = {n: t.placement for n, t in cfg.teachers.named.items() if t.placement != "replicate" and t.path}
+    if env.distributed and placed and cfg.subcommand != "sft":
+        teacher_mesh = parallel.node_mesh(env, mesh)
+        out.info(f"teachers {placed} over the node's {teacher_mesh.size()} ranks")
     out.info(fast_paths(env.device, compute, shapes["student"]))
     if env.device.type == "cuda":  # before any weights load: a run that cannot fit stops in seconds, not at OOM
         from train.plan import GB, fit_check
@@ -293,7 +331,7 @@ def _run(cfg: Config, env: parallel.Env, shapes: dict) -> Path:
     with reraise_as(DataError):
         packed, sampler = build_data(cfg, run_dir, env, out)
     with reraise_as(ModelDirError, "teachers: "):  # a store's or an online teacher's directory
-        teachers = build_teachers(cfg, packed, env, parallel.shard_mesh(mesh) if mesh is not None else None)
+        teachers = build_teachers(cfg, packed, env, teacher_mesh)
     dtype = torch_dtype(cfg.model.dtype)
     # FSDP: built on the meta device and sharded first; the weights arrive after (materialize_from_rank0).
     with reraise_as(ModelDirError, "model.path: "):
@@ -383,6 +421,7 @@ def _run(cfg: Config, env: parallel.Env, shapes: dict) -> Path:
                 "tokens": counters["tokens"], "step_tokens": seq_tokens, "tok_s": seq_tokens / dt,
                 "skipped": counters["skipped"], "peak_mem_gb": peak_memory_gb(env.device),
                 "mfu": step_flops / dt / peak_all if peak_all else None,
+                **{f"teacher.{name}.{key}": v for name, t in s["teachers"].items() for key, v in t.items()},
             }, force=step == cfg.schedule.steps)
             committed(saver.poll())
             if counters["bad_in_a_row"] >= o.max_bad_steps:

@@ -69,6 +69,9 @@ class Output:
                "skipped": rec["skipped"], "peak_mem_gb": rec["peak_mem_gb"]}
         if rec.get("mfu") is not None:
             out["mfu"] = rec["mfu"]
+        # Teacher counters (train.loop.train_step): per optimizer step, averaged over the logged window like the
+        # losses: teacher.<name>.rows (all ranks), .forwards, .empty_forwards, .gathered_bytes (rank 0's).
+        out.update({k: sum(r[k] for r in w) / len(w) for k in rec if k.startswith("teacher.")})
         self._t0 = now
         self.history.append(out)
         with open(self.metrics_file, "a") as f:

@@ -23,6 +23,7 @@ Dimensions: B sequences per micro-batch, T tokens per sequence, K teacher top-k.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -39,7 +40,16 @@ class PlanError(ValueError):
 class TeacherPlan:
     name: str
     args: object           # ModelArgs
-    sharded: bool
+    sharded: bool          # split over the node's GPUs (placement shard or expert, on more than one GPU)
+    placement: str = ""    # replicate | shard | expert (train.config.PLACEMENTS); "": shard if sharded, else replicate
+    max_tokens: int = 0    # tokens per teacher forward when a step's signals are computed up front; 0: all rows
+
+    def __post_init__(self):
+        self.placement = self.placement or ("shard" if self.sharded else "replicate")
+
+    def rows_per_forward(self, step_rows: int, seq_len: int) -> int:
+        """Rows of one forward (TeacherSet.step_signals): max_tokens // seq_len, or a rank's whole step."""
+        return max(1, min(step_rows, self.max_tokens // seq_len)) if self.max_tokens else step_rows
 
 
 @dataclass
@@ -56,20 +66,28 @@ class Trace:
     kinds: dict = field(default_factory=dict)       # the tracker's peak per kind of tensor
 
 
-def check_world(student_args, teachers: list[TeacherPlan], world: int, shard: int) -> None:
+def check_world(student_args, teachers: list[TeacherPlan], world: int, shard: int, node: int | None = None) -> None:
     """PlanError for a world the models cannot be sharded over evenly: a stacked expert tensor that neither its
-    expert dimension nor its second dimension splits into `shard` equal parts would put whole experts on a
-    few ranks."""
+    expert dimension nor its second dimension splits into `shard` equal parts (the student; `node` for the
+    teachers, which split over one node: default `shard`) would put whole experts on a few ranks; an
+    expert-placed teacher needs experts that a node's GPUs share whole."""
     if world < 1:
         raise PlanError(f"a world of {world} GPUs; plan at least 1 (plan.nodes x plan.gpus_per_node)")
-    for what, a in [("student", student_args)] + [(f"teacher {t.name!r}", t.args) for t in teachers if t.sharded]:
+    node = node or shard
+    for t in teachers:
+        if t.placement == "expert" and t.sharded and (t.args.moe is None or t.args.moe.num_experts % node):
+            have = f"{t.args.moe.num_experts} experts" if t.args.moe else "no experts (dense)"
+            raise PlanError(f"teacher {t.name!r}: placement expert over a node of {node} GPUs, but it has {have}; "
+                            f"use --teachers.{t.name}.placement=shard, or nodes of a divisor of the expert count")
+    for what, a, n in [("student", student_args, shard)] + [(f"teacher {t.name!r}", t.args, node) for t in teachers
+                                                             if t.sharded and t.placement == "shard"]:
         if a.moe is None:
             continue
         E, F, D = a.moe.num_experts, a.hidden_dim, a.dim
-        if E % shard and ((2 * F) % shard or D % shard):
+        if E % n and ((2 * F) % n or D % n):
             raise PlanError(f"{what}: {E} experts ([{E}, {2 * F}, {D}] and [{E}, {D}, {F}]) cannot be split "
-                            f"evenly over a shard group of {shard} GPUs (neither {E} nor {2 * F} and {D} are "
-                            f"multiples of {shard}); use a shard group that divides one of them "
+                            f"evenly over a shard group of {n} GPUs (neither {E} nor {2 * F} and {D} are "
+                            f"multiples of {n}); use a shard group that divides one of them "
                             f"(--parallel.shard_group=N, or --plan.gpus_per_node=N)")
 
 
@@ -101,20 +119,26 @@ def _local_bytes(tensors) -> int:
 def trace_step(student_args, teachers: list[TeacherPlan], *, world: int, shard: int, micro_batch: int,
                seq_len: int, grad_accum: int, k: int, activation_checkpointing: bool,
                compute_dtype: torch.dtype | None, master_dtype: torch.dtype = torch.float32,
-               teacher_dtype: torch.dtype = torch.bfloat16, loss_weights=(1.0, 1.0), steps: int = 2) -> Trace:
+               teacher_dtype: torch.dtype = torch.bfloat16, loss_weights=(1.0, 1.0), steps: int = 2,
+               node: int | None = None) -> Trace:
     """Trace `steps` optimizer steps on rank 0 of a fake world (module doc), one micro-batch each, two in the
     first with grad_accum > 1 (the bytes a non-last micro-batch leaves behind are measured after the first);
     the second step runs with AdamW's moments allocated, where the peak is (steps=1
     suffices for the sharded bytes alone). The student's trace is kept per process for its arguments, so
-    several teacher set-ups of one student cost one trace."""
-    check_world(student_args, teachers, world, shard)
+    several teacher set-ups of one student cost one trace. `node`: the GPUs a placed teacher splits over (one
+    node's; default `shard`)."""
+    node = node or shard
+    check_world(student_args, teachers, world, shard, node)
     st = _trace_student(student_args, world, shard, micro_batch, seq_len, grad_accum > 1, k,
                         activation_checkpointing, compute_dtype, master_dtype, tuple(loss_weights), steps)
-    teacher_bytes = _teacher_shares(teachers, world, shard, teacher_dtype) if teachers else 0
-    # Peak: the student's traced step with the teachers' weights resident, or a teacher's forward on top of
-    # the student's state between micro-batches (masters, gradients, moments), whichever is larger.
-    teacher_fwd = max((_teacher_forward_bytes(t, micro_batch, seq_len, shard) for t in teachers), default=0)
-    peak = teacher_bytes + max(st["kinds"]["Total"], st["params"] + st["grads"] + st["opt"] + teacher_fwd)
+    teacher_bytes = _teacher_shares(teachers, world, node, teacher_dtype) if teachers else 0
+    # Peak: the student's traced step with the teachers' weights resident, or a teacher's forward (up front, on
+    # max_tokens of the step's rows) on top of the student's state (masters, gradients, moments), whichever is
+    # larger; plus the step's signals computed up front beyond the one micro-batch the trace holds.
+    teacher_fwd = max((_teacher_forward_bytes(t, t.rows_per_forward(micro_batch * grad_accum, seq_len), seq_len,
+                                              node) for t in teachers), default=0)
+    peak = (teacher_bytes + signal_bytes(micro_batch, seq_len, grad_accum, k)
+            + max(st["kinds"]["Total"], st["params"] + st["grads"] + st["opt"] + teacher_fwd))
     return Trace(params=st["params"], grads=st["grads"], unsharded_grads=st["unsharded"], optimizer=st["opt"],
                  teachers=teacher_bytes, peak=peak, activations=st["kinds"].get("ACT", 0),
                  param_dtypes=set(st["dtypes"]), kinds=dict(st["kinds"]))
@@ -202,9 +226,24 @@ def _held_reductions(module: nn.Module) -> int:
     return total
 
 
+def signal_bytes(micro_batch: int, seq_len: int, grad_accum: int, k: int) -> int:
+    """Bytes of a step's up-front teacher signals beyond one micro-batch's: ids int64 + log-probs fp32 = 12 B per
+    position and top-k entry (16 x 2048 x K=32 x 12 B = 12.6 MB for a paper step)."""
+    return (grad_accum - 1) * micro_batch * seq_len * k * 12
+
+
+def _expert_share(a, dtype: torch.dtype, node: int) -> int:
+    """An expert-placed teacher's bytes on one GPU, by arithmetic: everything but the experts whole, and
+    E / node of the experts (3 F x D each per layer)."""
+    total = _n_params(a)
+    experts = a.n_layers * a.moe.num_experts * 3 * a.hidden_dim * a.dim
+    return ((total - experts) + experts // node) * dtype.itemsize
+
+
 def _teacher_shares(teachers: list[TeacherPlan], world: int, shard: int, dtype: torch.dtype) -> int:
-    """Bytes of the online teachers' weights on rank 0: whole (replicated) or its share (shard_teacher on the
-    shard dimension of the run's mesh, experts placed as the run places them)."""
+    """Bytes of the online teachers' weights on rank 0: whole (replicated), its share (shard_teacher over a
+    mesh of `shard` GPUs, the node's, experts placed as the run places them) or, expert-placed, its experts
+    split over those GPUs."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from model import Transformer
@@ -215,6 +254,9 @@ def _teacher_shares(teachers: list[TeacherPlan], world: int, shard: int, dtype: 
         with FakeTensorMode():
             total = 0
             for t in teachers:
+                if t.sharded and t.placement == "expert":
+                    total += _expert_share(t.args, dtype, shard)
+                    continue
                 m = _meta_model(Transformer, t.args, dtype)
                 m.requires_grad_(False).eval()
                 if t.sharded:
@@ -246,7 +288,7 @@ def _teacher_forward_bytes(t: TeacherPlan, B: int, T: int, shard: int) -> int:
     E = a.moe.num_experts if a.moe else 1
     K = a.moe.num_experts_per_tok if a.moe else 1
     block = 2 * (a.dim * a.head_dim * (2 * a.n_heads + 2 * a.n_kv_heads) + 3 * a.dim * a.hidden_dim * E)
-    gathered = 2 * block + 2 * a.vocab_size * a.dim if t.sharded else 0
+    gathered = 2 * block + 2 * a.vocab_size * a.dim if t.sharded and t.placement == "shard" else 0
     widest = max(a.head_dim * (2 * a.n_heads + 2 * a.n_kv_heads), K * 3 * a.hidden_dim, a.dim)
     acts = B * T * 2 * (3 * a.dim + widest)
     chunk = min(B * T, head_chunk_rows(a.vocab_size)) * a.vocab_size * 6
@@ -295,12 +337,14 @@ def make_plan(cfg, shapes: dict | None = None) -> Plan:
             stores.append(name)
         else:
             args = (shapes or {}).get("teachers", {}).get(name) or read_model_args(spec.path, f"teachers.{name}.path")
-            teachers.append(TeacherPlan(name, args, spec.shard and world > 1))
+            teachers.append(TeacherPlan(name, args, spec.placement != "replicate" and pl.gpus_per_node > 1,
+                                        spec.placement, spec.max_tokens))
     compute = torch.bfloat16 if p.mixed_precision in ("auto", "bf16") else None  # the plan is for GPUs
     master = torch_dtype(cfg.model.dtype)
     teacher_dtype = torch_dtype(cfg.teachers.dtype) or torch.bfloat16
     common = dict(world=world, shard=shard, micro_batch=d.micro_batch, seq_len=d.seq_len, grad_accum=d.grad_accum,
-                  k=cfg.teachers.k, compute_dtype=compute, master_dtype=master, teacher_dtype=teacher_dtype)
+                  k=cfg.teachers.k, compute_dtype=compute, master_dtype=master, teacher_dtype=teacher_dtype,
+                  node=pl.gpus_per_node)
     ac = p.activation_checkpointing
     tr = trace_step(student, teachers, activation_checkpointing=ac, **common)
     other = trace_step(student, teachers, activation_checkpointing=not ac, **common)
@@ -317,11 +361,12 @@ def make_plan(cfg, shapes: dict | None = None) -> Plan:
     def gb(x):
         return f"{x / GB:6.1f} GB"
     mesh = f"{world // shard} x {shard} (HSDP: replicate x shard)" if shard < world else f"{world} (FSDP)"
-    tdesc = ", ".join(f"{t.name} online {'sharded' if t.sharded else 'replicated'}" for t in teachers) or ""
+    tdesc = ", ".join(f"{t.name} online" for t in teachers) or ""
     tdesc = ", ".join(x for x in (tdesc, ", ".join(f"{s} from a store" for s in stores)) if x) or "none (sft)"
     L = [f"plan (simulation: fake tensors, fake process group; rank 0 of {world} GPUs, estimates, not measurements)",
          f"  world {pl.nodes} node(s) x {pl.gpus_per_node} GPUs = {world}; mesh {mesh}; GPU {pl.gpu_memory_gb:g} GB",
          f"  student {_describe(student)}; teachers: {tdesc}",
+         *_teacher_lines(tr, teachers, d, pl.gpus_per_node, budget, teacher_dtype, cfg.teachers.k),
          f"  batch: micro_batch {d.micro_batch} x seq_len {d.seq_len} x grad_accum {d.grad_accum} x {world} ranks "
          f"= {tokens_step:,} tokens/step; compute {'bf16' if compute else 'fp32'}, masters {cfg.model.dtype}",
          "  per rank:",
@@ -350,6 +395,53 @@ def make_plan(cfg, shapes: dict | None = None) -> Plan:
     return Plan(L, fits, tr.peak / GB, tr)
 
 
+def _forward_peak(tr: Trace, teachers: list[TeacherPlan], d, node: int, k: int, rows: dict) -> int:
+    """trace_step's peak with teacher t's forward on rows[t.name] rows (the others' as configured)."""
+    step_rows = d.micro_batch * d.grad_accum
+    fwd = max(_teacher_forward_bytes(t, rows.get(t.name) or t.rows_per_forward(step_rows, d.seq_len), d.seq_len,
+                                     node) for t in teachers)
+    return (tr.teachers + signal_bytes(d.micro_batch, d.seq_len, d.grad_accum, k)
+            + max(tr.kinds["Total"], tr.params + tr.grads + tr.optimizer + fwd))
+
+
+def largest_rows_per_forward(tr: Trace, t: TeacherPlan, teachers, d, node: int, k: int, budget: float) -> int:
+    """The most rows (of a rank's step) one forward of `t` may take with the peak within `budget`; 0: none."""
+    fits = [r for r in range(1, d.micro_batch * d.grad_accum + 1)
+            if _forward_peak(tr, teachers, d, node, k, {t.name: r}) <= budget]
+    return max(fits, default=0)
+
+
+def _teacher_lines(tr: Trace, teachers: list[TeacherPlan], d, node: int, budget: float, dtype, k: int) -> list[str]:
+    """Per online teacher: its placement, the forwards of a step under its max_tokens (an upper bound: a teacher
+    that teaches every row), the bytes all-gathered per forward (sharded: the whole teacher less the rank's
+    share, bf16), and the largest max_tokens that fits."""
+    out = []
+    step_rows = d.micro_batch * d.grad_accum
+    for t in teachers:
+        where = {"replicate": "replicated (a whole copy per GPU)", "shard": f"sharded over the node's {node} GPUs",
+                 "expert": f"experts split over the node's {node} GPUs"}[t.placement] if t.sharded else \
+            "replicated (a whole copy per GPU)"
+        rows = t.rows_per_forward(step_rows, d.seq_len)
+        forwards = -(-step_rows // rows)
+        line = (f"  teacher {t.name}: {where}; max_tokens {t.max_tokens or 'auto (a step)'}: {rows} rows x "
+                f"{d.seq_len} = {rows * d.seq_len:,} tokens per forward, {forwards} forward(s) per step")
+        if t.sharded and t.placement == "shard":
+            full = _n_params(t.args) * dtype.itemsize
+            per_forward = full - full // node
+            line += f", {per_forward / GB:.1f} GB all-gathered per GPU per forward ({forwards * per_forward / GB:.0f} GB per step)"
+        best = largest_rows_per_forward(tr, t, teachers, d, node, k, budget)
+        line += (f"; largest that fits: max_tokens {best * d.seq_len:,}" if best else
+                 "; not even one sequence per forward fits")
+        out.append(line)
+    return out
+
+
+def _n_params(a) -> int:
+    with torch.device("meta"):
+        from model import Transformer
+        return sum(p.numel() for p in Transformer(a).parameters())
+
+
 def _describe(a) -> str:
     n = a.n_layers * (a.dim * a.head_dim * (2 * a.n_heads + 2 * a.n_kv_heads)
                       + 3 * a.dim * a.hidden_dim * (a.moe.num_experts if a.moe else 1)
@@ -371,9 +463,16 @@ def _fixes(cfg, tr: Trace, tr_ac: Trace, teachers, stores, budget: float, shard:
         if not t.sharded:
             share = tr.teachers / max(1, len(teachers))
             saved = share - share / shard
-            options.append((saved, f"shard the teacher (--teachers.{t.name}.shard=true, saves ~{saved / GB:.0f} GB)"))
+            options.append((saved, f"shard the teacher over the node (--teachers.{t.name}.placement=shard, saves "
+                                   f"~{saved / GB:.0f} GB)"))
             options.append((share, f"use a store (capture the teacher once, --teachers.{t.name}.store=..., saves "
                                    f"~{share / GB:.0f} GB)"))
+    d, node = cfg.data, cfg.plan.gpus_per_node
+    for t in teachers:  # a smaller teacher forward: more forwards per step (more gathers when sharded)
+        best = largest_rows_per_forward(tr, t, teachers, d, node, cfg.teachers.k, budget)
+        if 0 < best < t.rows_per_forward(d.micro_batch * d.grad_accum, d.seq_len):
+            saved = tr.peak - _forward_peak(tr, teachers, d, node, cfg.teachers.k, {t.name: best})
+            options.append((saved, f"--teachers.{t.name}.max_tokens={best * d.seq_len} (saves ~{saved / GB:.0f} GB)"))
     if not cfg.parallel.activation_checkpointing:
         saved = tr.peak - tr_ac.peak
         options.append((saved, f"activation checkpointing (--parallel.activation_checkpointing=true, saves "
@@ -406,18 +505,20 @@ def run_plan(cfg) -> Plan:
 # The start-up fit check: kd / dae / sft / capture on CUDA
 
 
-def capture_peak(cfg, world: int, shard: int) -> tuple[int, list[str]]:
+def capture_peak(cfg, world: int, node: int) -> tuple[int, list[str]]:
     """Per-rank peak bytes of `capture` (one teacher, forward only, capture.batch_size sequences per forward):
-    the teacher's weights (its share when sharded) plus one forward's transient bytes; and its report lines."""
+    the teacher's weights (its share of the node's GPUs when placed over them) plus one forward's transient
+    bytes; and its report lines."""
     from train.config import torch_dtype
     from train.preflight import read_model_args
     (name, spec), = cfg.teachers.named.items()
-    t = TeacherPlan(name, read_model_args(spec.path, f"teachers.{name}.path"), spec.shard and world > 1)
-    check_world(t.args, [t], world, shard)
-    weights = _teacher_shares([t], world, shard, torch_dtype(cfg.teachers.dtype) or torch.bfloat16)
-    fwd = _teacher_forward_bytes(t, cfg.capture.batch_size, cfg.data.seq_len, shard)
+    t = TeacherPlan(name, read_model_args(spec.path, f"teachers.{name}.path"),
+                    spec.placement != "replicate" and node > 1, spec.placement)
+    check_world(dataclasses.replace(t.args, moe=None), [t], world, node, node)  # no student in a capture
+    weights = _teacher_shares([t], world, node, torch_dtype(cfg.teachers.dtype) or torch.bfloat16)
+    fwd = _teacher_forward_bytes(t, cfg.capture.batch_size, cfg.data.seq_len, node)
     lines = [f"capture plan (simulation; rank 0 of {world} GPUs): teacher {name!r} {_describe(t.args)}, "
-             f"{'sharded' if t.sharded else 'replicated'}: weights {weights / GB:.1f} GB + one forward of "
+             f"placement {t.placement}: weights {weights / GB:.1f} GB + one forward of "
              f"{cfg.capture.batch_size} x {cfg.data.seq_len} tokens {fwd / GB:.1f} GB"]
     return weights + fwd, lines
 
@@ -432,10 +533,9 @@ def _fit_child(subcommand: str, toml_path: str, nodes: int, gpus_per_node: int, 
     cfg.plan.nodes, cfg.plan.gpus_per_node, cfg.plan.gpu_memory_gb = nodes, gpus_per_node, gpu_memory_gb
     try:
         if subcommand == "capture":
-            world, shard = plan_world(cfg)
-            peak, lines = capture_peak(cfg, world, shard)
-            result = {"peak_gb": peak / GB, "lines": lines, "fix": "fix: shard the teacher "
-                      "(--teachers.<name>.shard=true) or lower --capture.batch_size"}
+            peak, lines = capture_peak(cfg, nodes * gpus_per_node, gpus_per_node)
+            result = {"peak_gb": peak / GB, "lines": lines, "fix": "fix: place the teacher over the node "
+                      "(--teachers.<name>.placement=shard, or expert for an MoE) or lower --capture.batch_size"}
         else:
             plan = make_plan(cfg)
             verdict = plan.lines[-1].split("; ", 1)

@@ -165,6 +165,40 @@ def pairing_hint(teacher_vocab: int, student_vocab: int) -> str:
             f"Mixtral-8x7B-Instruct-v0.1 teaching Mistral-7B-v0.1)")
 
 
+def check_placements(cfg: Config, teachers: dict, world: int | None = None, local: int | None = None) -> None:
+    """Each online teacher's placement against the world torchrun starts (WORLD_SIZE, LOCAL_WORLD_SIZE by
+    default): a sharded or expert-placed teacher splits over the ranks of one node (train.parallel.node_mesh), so
+    the world must be whole nodes and the teacher's tensors must split evenly over a node. `teachers`: their
+    ModelArgs by name. One rank is a one-rank mesh: any placement then holds the whole teacher."""
+    world = world if world is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    local = local if local is not None else int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    for name, spec in cfg.teachers.named.items():
+        if spec.placement == "replicate" or not spec.path:
+            continue
+        what = f"teachers.{name}.placement = {spec.placement!r}"
+        if local < 1 or world % local:
+            raise ConfigError(f"{what} splits the teacher over one node's ranks, but {world} ranks are not whole "
+                              f"nodes of {local} (LOCAL_WORLD_SIZE); start the same number of processes on every "
+                              f"node, or use placement = \"replicate\"")
+        a = teachers[name]
+        if spec.placement == "expert":
+            if a.moe is None:
+                raise ConfigError(f"{what}: teacher {name!r} ({spec.path}) is dense, it has no experts to place; use "
+                                  f"placement = \"shard\" (or \"replicate\")")
+            E = a.moe.num_experts
+            if E % local:
+                raise ConfigError(f"{what}: {E} experts cannot be split whole over a node of {local} ranks ({E} is "
+                                  f"not a multiple of {local}); use placement = \"shard\", or nodes of a divisor "
+                                  f"of {E} GPUs")
+        elif a.moe is not None:
+            E, F, D = a.moe.num_experts, a.hidden_dim, a.dim
+            if E % local and ((2 * F) % local or D % local):  # train.parallel.expert_placement's rule
+                raise ConfigError(f"{what}: {E} experts ([{E}, {2 * F}, {D}] and [{E}, {D}, {F}]) cannot be split "
+                                  f"evenly over a node of {local} ranks (neither {E} nor {2 * F} and {D} are "
+                                  f"multiples of {local}); use placement = \"replicate\", or nodes of a divisor of "
+                                  f"{E} GPUs")
+
+
 def preflight(cfg: Config) -> dict:
     """Everything that can be checked without loading weights or data; returns the models' ModelArgs."""
     sc = cfg.subcommand
@@ -197,6 +231,7 @@ def preflight(cfg: Config) -> dict:
                 raise ConfigError(f"teacher {name!r} ({spec.path}) has a different tokenizer from the student's "
                                   f"({tok_dir}): same vocab size but different tokens; distil only between "
                                   f"models of one tokenizer")
+        check_placements(cfg, teachers)
         if cfg.loss.attn_weight > 0:
             (name,) = cfg.teachers.named
             try:

@@ -52,14 +52,17 @@ def block_names(block: int) -> dict[str, str]:
 def run_capture(teacher_path, packed_dataset, out_dir, k: int, batch_size: int, rank: int = 0, world_size: int = 1,
                 dtype: str | torch.dtype = "float16", teacher: str | None = None, tokenizer_path=None,
                 device=None, compute_dtype: torch.dtype | None = None, shard: bool = False,
-                block_samples: int = 64) -> dict:
+                block_samples: int = 64, placement: str | None = None, mesh=None) -> dict:
     """Run the teacher at `teacher_path` over `packed_dataset` and write (or finish) the store in `out_dir`.
 
     dtype: stored log-probability dtype, "float16" (default; 11-bit mantissa, range to 65504: enough for
     log-probabilities of top-k tokens) or "bfloat16". teacher: capture only the sequences of this teacher name
     (phase 2); None = all. tokenizer_path: directory whose tokenizer files are hashed into the manifest (default:
     the teacher directory, if it holds any). compute_dtype: the teacher's (bf16 on CUDA, fp32 on CPU).
-    shard: FSDP2-shard the teacher over the initialised process group (every rank runs every forward together).
+    placement: the teacher's, as in training (OnlineTeacher.load; `shard` = True is "shard"): "shard" or "expert"
+    split it over `mesh` (the capture subcommand passes the node's; default every rank), and every rank of the
+    process group then runs every forward together. batch_size: sequences per forward (the subcommand derives it
+    from the teacher's max_tokens when set, the same budget as training).
     The selected samples are cut into blocks of `block_samples` (block b: selected samples b*n .. (b+1)*n - 1);
     each call takes the blocks not yet committed with b mod W == rank, so a capture resumes at any world size (a
     new world re-partitions the missing blocks) and the store's bytes do not depend on W.
@@ -84,7 +87,8 @@ def run_capture(teacher_path, packed_dataset, out_dir, k: int, batch_size: int, 
         raise ValueError(f"k={k} exceeds the teacher's vocab_size={V}")
     device = torch.device(device) if device is not None else parallel.mesh_device()
     compute_dtype = compute_dtype or default_dtype(device)
-    sharded = shard and parallel.is_distributed()
+    placement = placement or ("shard" if shard else "replicate")
+    sharded = placement != "replicate" and parallel.is_distributed()
 
     ds = packed_dataset
     teacher_S = np.asarray(ds.teacher)
@@ -125,11 +129,11 @@ def run_capture(teacher_path, packed_dataset, out_dir, k: int, batch_size: int, 
     share = [[b for b in missing if b % world_size == r] for r in range(world_size)]
     block_of = lambda b: selected[b * block_samples:(b + 1) * block_samples]  # noqa: E731
     mine, rounds = share[rank], max(len(x) for x in share)
-    model = OnlineTeacher.load(teacher_path, k, device=device, dtype=compute_dtype, shard=shard) \
+    model = OnlineTeacher.load(teacher_path, k, device=device, dtype=compute_dtype, placement=placement, mesh=mesh) \
         if (mine or (sharded and rounds)) else None
 
     # A sharded teacher's collectives must line up: in round i every rank runs as many batches as the largest block
-    # of the round (blocks differ only at the end); a slot without local work runs a 1-token dummy forward.
+    # of the round (blocks differ only at the end); a slot without local work runs a forward on zero rows.
     t_compute, samples_done, rows_done = time.perf_counter(), 0, 0
     for i in range(rounds):
         samples = block_of(mine[i]) if i < len(mine) else selected[:0]
@@ -142,7 +146,7 @@ def run_capture(teacher_path, packed_dataset, out_dir, k: int, batch_size: int, 
         for j in range(math.ceil(slots / batch_size)):
             s_lo, s_hi = j * batch_size, min((j + 1) * batch_size, len(samples))
             if s_lo >= s_hi:
-                model.dummy_step()
+                model.empty_step(int(ds.seq_len))
                 continue
             idx_N, ids_NK, logprobs_NK = model.loss_topk(ds.batch(samples[s_lo:s_hi]))
             ids, lp = _to_storage(ids_NK, logprobs_NK, id_dtype, lp_dtype)
@@ -231,9 +235,10 @@ def capture(cfg) -> None:
     """The `capture` subcommand: one teacher over the packed data, once; each rank writes its share."""
     from train.data.prepare import build_packed
     from train.errors import DataError, StoreError, reraise_as
-    from train.preflight import check_data_paths, check_model_dir, check_tokenizer_dir
+    from train.preflight import check_data_paths, check_model_dir, check_placements, check_tokenizer_dir
     (name, spec), = cfg.teachers.named.items()
     teacher_args = check_model_dir(spec.path, f"teachers.{name}.path")
+    check_placements(cfg, {name: teacher_args})
     c, d = cfg.capture, cfg.data
     if cfg.teachers.k > teacher_args.vocab_size:
         raise StoreError(f"teachers.k={cfg.teachers.k} exceeds the teacher's vocabulary ({teacher_args.vocab_size}); "
@@ -251,10 +256,17 @@ def capture(cfg) -> None:
         with reraise_as(DataError):
             packed = build_packed(d, tok_dir, ["reference", "domain"] if c.rows_of else None, d.cache_dir or None,
                                   env, log=log)
+        # The training run's placement and token budget: a teacher that fits training fits capture.
+        mesh = parallel.node_mesh(env) if env.distributed and spec.placement != "replicate" else None
+        batch_size = max(1, spec.max_tokens // d.seq_len) if spec.max_tokens else c.batch_size
+        log(f"capture: teacher {name!r} placement {spec.placement}"
+            + (f" over the node's {mesh.size()} ranks" if mesh is not None else "")
+            + f", {batch_size} sequences per forward"
+            + (f" (teachers.{name}.max_tokens={spec.max_tokens})" if spec.max_tokens else " (capture.batch_size)"))
         with reraise_as(StoreError, f"capture.out={c.out!r}: "):
-            run_capture(spec.path, packed, c.out, cfg.teachers.k, c.batch_size, rank=env.rank,
+            run_capture(spec.path, packed, c.out, cfg.teachers.k, batch_size, rank=env.rank,
                         world_size=env.world_size, dtype=c.logprobs_dtype, teacher=c.rows_of or None,
                         tokenizer_path=tok_dir, device=env.device, compute_dtype=torch_dtype(cfg.teachers.dtype),
-                        shard=spec.shard, block_samples=c.block_samples)
+                        placement=spec.placement, mesh=mesh, block_samples=c.block_samples)
     finally:
         parallel.shutdown(env)

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,37 +43,62 @@ def shard_teacher(model: Transformer, mesh=None) -> Transformer:
 
 
 class OnlineTeacher:
-    """A frozen model that answers top-k at loss positions. `sharded` = wrapped by `shard_teacher`."""
+    """A frozen model that answers top-k at loss positions. `sharded` = wrapped by `shard_teacher` over the ranks
+    of `group` (None: every rank), which must then run each of its forwards together."""
 
-    def __init__(self, model: Transformer, k: int, sharded: bool = False, chunk_rows: int | None = None):
+    def __init__(self, model: Transformer, k: int, sharded: bool = False, chunk_rows: int | None = None,
+                 group=None):
         if not 1 <= k <= model.args.vocab_size:
             raise ValueError(f"k={k} must be in [1, vocab_size={model.args.vocab_size}]")
-        self.model, self.k, self.sharded, self.chunk_rows = model, k, sharded, chunk_rows
+        self.model, self.k, self.sharded, self.chunk_rows, self.group = model, k, sharded, chunk_rows, group
         self.device = next(iter(model.parameters())).device if not sharded else parallel.mesh_device()
+        self.gather_bytes = gathered_bytes(model) if sharded else 0
+
+    @property
+    def collective(self) -> bool:
+        """Every rank of `group` must call each forward (FSDP2's all-gathers)."""
+        return self.sharded
 
     @classmethod
     def load(cls, path, k: int, device="cpu", dtype: torch.dtype | None = None, shard: bool = False,
-             chunk_rows: int | None = None, mesh=None) -> "OnlineTeacher":
-        """Load an HF directory with `load_hf`, freeze it (no grad, eval) and, when `shard` and a process group
-        is initialised, shard it with FSDP2: built on the meta device and sharded, then given its weights by
-        rank 0, which alone reads the whole teacher into host memory (train.parallel.materialize_from_rank0);
-        each GPU holds 1/W of it, so a teacher larger than one GPU fits."""
+             chunk_rows: int | None = None, mesh=None, placement: str | None = None) -> "OnlineTeacher":
+        """Load an HF directory with `load_hf` and freeze it (no grad, eval). `placement` (replicate | shard | expert;
+        default: "shard" when `shard`, else "replicate"): "shard", when a process group is initialised, shards it
+        with FSDP2 over `mesh` (a 1-D mesh, default every rank; the trainer passes the node's,
+        train.parallel.node_mesh): built on the meta device and sharded, then given its weights by rank 0, which
+        alone reads the whole teacher into host memory (train.parallel.materialize_from_rank0); each GPU holds
+        1/W of it, so a teacher larger than one GPU fits. "expert": train.teachers.expert."""
+        placement = placement or ("shard" if shard else "replicate")
+        if placement not in ("replicate", "shard", "expert"):  # train.config.PLACEMENTS (no import upward)
+            raise ValueError(f"placement={placement!r}; use one of replicate, shard, expert")
+        if placement == "expert":
+            try:
+                from train.teachers import expert
+            except ImportError:
+                raise NotImplementedError("placement='expert' needs train/teachers/expert.py (expert parallelism), "
+                                          "which this build lacks; use placement='shard'") from None
+            return expert.load(path, k, device=device, dtype=dtype, chunk_rows=chunk_rows, mesh=mesh)
         path = Path(path)
         dtype = dtype or default_dtype(device)
-        shard = shard and parallel.is_distributed()
+        shard = placement == "shard" and parallel.is_distributed()
         model = load_hf(path, dtype=dtype, device="meta" if shard else device)
         model.requires_grad_(False).eval()
-        if shard:
-            shard_teacher(model, mesh)
-            parallel.materialize_from_rank0(model, lambda: load_hf(path, dtype=dtype, device="cpu").state_dict(),
-                                   parallel.mesh_device())
-        return cls(model, k, sharded=shard, chunk_rows=chunk_rows)
+        if not shard:
+            return cls(model, k, chunk_rows=chunk_rows)
+        if mesh is None:
+            mesh = parallel.world_mesh()
+        shard_teacher(model, mesh)
+        parallel.materialize_from_rank0(model, lambda: load_hf(path, dtype=dtype, device="cpu").state_dict(),
+                                        parallel.mesh_device())
+        return cls(model, k, sharded=True, chunk_rows=chunk_rows, group=mesh.get_group())
 
     @torch.no_grad()
     def loss_topk(self, rows):
         """(idx_N, ids_NK, logprobs_NK) for the loss positions of `rows` (a PackedBatch or Rows); idx_N are flat
         indices into B*T in ascending order. Hidden states are gathered at the N loss positions before the LM
-        head, so [B, T, V] logits never exist (about half the positions of a chat batch are prompt)."""
+        head, so [B, T, V] logits never exist (about half the positions of a chat batch are prompt).
+        Zero rows (B = 0) run every block and the head gather on an empty batch: what a sharded teacher's
+        collectives need from a rank without rows while another rank of its mesh has some."""
         dev = self.device
         idx_N = loss_positions(rows.labels_BT)  # host sync on CUDA labels, free on CPU labels
         tokens_BT = rows.tokens_BT.to(dev, non_blocking=True)
@@ -95,40 +121,74 @@ class OnlineTeacher:
         B, T = rows.labels_BT.shape
         return dense_topk(*self.loss_topk(rows), B, T)
 
-    @torch.no_grad()
-    def dummy_step(self):
-        """One forward on a single token plus the head gather: what a sharded teacher's collectives need from a
-        rank that has no rows of this teacher in a step where another rank has some."""
-        t_11 = torch.zeros(1, 1, dtype=torch.long, device=self.device)
-        self.loss_topk(Rows(t_11, torch.full_like(t_11, IGNORE), None, None, None))
+    def empty_step(self, T: int = 1) -> None:
+        """One forward on zero rows (see loss_topk)."""
+        self.loss_topk(empty_rows(T))
+
+
+def gathered_bytes(model) -> int:
+    """Bytes one forward of an FSDP2-sharded model all-gathers into this rank: every parameter once (blocks,
+    head and root are each gathered once per forward), less the shard the rank holds; computed from the
+    DTensor parameters' global and local sizes (FSDP2's padding of uneven shards not counted)."""
+    total = 0
+    for p in model.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        total += (p.numel() - local.numel()) * p.element_size()
+    return total
+
+
+def empty_rows(T: int) -> Rows:
+    """A batch of zero rows of T tokens (no loss position)."""
+    t_0T = torch.zeros(0, T, dtype=torch.long)
+    return Rows(t_0T, torch.full_like(t_0T, IGNORE), None, None, None)
+
+
+def concat_rows(parts: list[Rows]) -> Rows:
+    """Rows of several micro-batches stacked along B (all of one T)."""
+    def cat(xs):
+        return None if xs[0] is None else torch.cat(xs)
+    return Rows(*(cat([getattr(p, f) for p in parts]) for f in Rows._fields))
 
 
 @dataclass
 class TeacherSpec:
     """One teacher of a run: online (`path`, an HF directory) or offline (`store`, a directory written by
-    `capture`), exactly one of the two. `shard`: FSDP2-shard an online teacher over the ranks (under torchrun)."""
+    `capture`), exactly one of the two. `placement` of an online teacher: replicate, shard (FSDP2 over the mesh
+    build_teachers is given, under torchrun) or expert; `shard` = True is placement "shard". `max_tokens`: tokens
+    per forward when a step's signals are computed up front (0: all of a step's rows in one forward)."""
     path: str | None = None
     store: str | None = None
     shard: bool = False
+    placement: str | None = None
+    max_tokens: int = 0
 
     def __post_init__(self):
         if (self.path is None) == (self.store is None):
             raise ValueError(f"a teacher spec needs exactly one of path= (online HF directory) or store= (offline "
                              f"capture directory); got path={self.path!r}, store={self.store!r}")
+        if self.max_tokens < 0:
+            raise ValueError(f"max_tokens={self.max_tokens}; use 0 (a whole step per forward) or a positive count")
 
 
 class TeacherSet:
-    """Teachers by name; `signals(batch)` gives each row the signal of its own teacher only.
+    """Teachers by name; each row gets the signal of its own teacher only, each teacher runs on its rows only.
 
     `names` is the run's ordered teacher list: batch.teacher_B[b] = i means row b is taught by names[i].
-    `rows_seen[name]` counts the rows each teacher actually processed (the proof that none ran on others' rows).
+    Counters (per rank, cumulative; train_step logs their change per step): `rows_seen[name]`, the rows each
+    teacher processed (the proof that none ran on others' rows); `forwards[name]`, the forwards an online
+    teacher ran, `empty_forwards[name]` of them on zero rows (a sharded teacher's rank without rows joining
+    the others'); `gathered_bytes[name]`, the bytes those forwards all-gathered into this rank.
     """
 
-    def __init__(self, sources: dict, k: int, device, names: list[str] | None = None):
+    def __init__(self, sources: dict, k: int, device, names: list[str] | None = None,
+                 max_tokens: dict[str, int] | None = None):
         self.sources, self.k, self.device = dict(sources), k, torch.device(device)
         self.names = list(names) if names is not None else list(self.sources)
+        self.max_tokens = {name: (max_tokens or {}).get(name, 0) for name in self.sources}
         self.rows_seen = {name: 0 for name in self.sources}
-        self.dummy_steps = {name: 0 for name in self.sources}
+        self.forwards = {name: 0 for name in self.sources}
+        self.empty_forwards = {name: 0 for name in self.sources}
+        self.gathered_bytes = {name: 0 for name in self.sources}
 
     def online(self, name: str) -> Transformer | None:
         """The online teacher's model (for the attention-transfer term), None for an offline one."""
@@ -136,6 +196,10 @@ class TeacherSet:
             raise ValueError(f"no teacher {name!r}; loaded: {sorted(self.sources)}")
         src = self.sources[name]
         return src.model if isinstance(src, OnlineTeacher) else None
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        return {n: {"rows": self.rows_seen[n], "forwards": self.forwards[n], "empty_forwards": self.empty_forwards[n],
+                    "gathered_bytes": self.gathered_bytes[n]} for n in sorted(self.sources)}
 
     def _rows_by_teacher(self, teacher_B: torch.Tensor) -> dict[str, list[int]]:
         teacher_list = teacher_B.tolist()  # host sync (free: the loader's teacher_B is a CPU tensor)
@@ -151,39 +215,81 @@ class TeacherSet:
             groups.setdefault(name, []).append(b)
         return groups
 
-    def _global_counts(self, groups: dict[str, list[int]]) -> dict[str, int] | None:
-        """Rows per teacher summed over ranks, when a sharded teacher needs all ranks to call it together.
-        Host sync: one per step, decides which teachers run."""
-        if not any(isinstance(s, OnlineTeacher) and s.sharded for s in self.sources.values()):
-            return None
-        return parallel.sum_over_ranks({n: len(groups.get(n, ())) for n in self.sources})
+    def _forwards_over_meshes(self, local: dict[str, int]) -> dict[str, int]:
+        """Forwards each teacher runs on this rank: its own count, or for a collective (sharded) teacher the
+        largest over the ranks of its mesh, so that all of them run the same forwards; 0 exactly when no rank of
+        the mesh has a row of it (no forward, no gather anywhere). One all-reduce per mesh (every sharded
+        teacher of a run shares the node's mesh: one), a host sync: once per step, decides which teachers run."""
+        out = dict(local)
+        meshes: dict[int, tuple] = {}
+        for name in sorted(self.sources):  # the same order on every rank
+            src = self.sources[name]
+            if getattr(src, "collective", False):
+                meshes.setdefault(id(src.group), (src.group, []))[1].append(name)
+        for group, names in meshes.values():
+            out.update(parallel.max_over_ranks({n: local[n] for n in names}, group))
+        return out
 
     def signals(self, batch) -> TopK:
-        """TopK [B, T, K] on `self.device`; each row from its own teacher, each teacher run once on its rows."""
-        B, T = batch.labels_BT.shape
-        groups = self._rows_by_teacher(batch.teacher_B)
-        global_counts = self._global_counts(groups)
-        if len(groups) == 1 and global_counts is None:  # the common phase-1 case: no gather/scatter
-            (name, rows), = groups.items()
-            self.rows_seen[name] += len(rows)
-            return self._to_device(self.sources[name].signals(batch))
-        ids_BTK = torch.zeros(B, T, self.k, dtype=torch.long, device=self.device)
-        logprobs_BTK = torch.zeros(B, T, self.k, dtype=torch.float32, device=self.device)
+        """TopK [B, T, K] of one micro-batch, each teacher in one forward on its rows (the attention-transfer
+        term's path: the teacher's per-layer queries and keys are captured during that forward, and a whole
+        step's would not fit, ~0.6 GB per 2048-token micro-batch for Mixtral in bf16)."""
+        return self._signals([batch], whole=True)[0]
+
+    def step_signals(self, micro_batches) -> list[TopK]:
+        """TopK [B, T, K] of every micro-batch of an optimizer step, computed up front: each teacher runs on all
+        of its rows of the step, `max_tokens` tokens per forward (0: one forward), instead of once per
+        micro-batch (a sharded teacher all-gathers its whole weights per forward: ~82 GB received per rank for
+        Mixtral in bf16). A frozen teacher keeps nothing for backward, so only the signals stay: B x T x K ids
+        (int64) and log-probs (fp32) per micro-batch, 16 x 2048 x K=32 x 12 B = 12.6 MB for a paper step."""
+        return self._signals(list(micro_batches), whole=False)
+
+    def _signals(self, micro_batches: list, whole: bool) -> list[TopK]:
+        T = micro_batches[0].labels_BT.shape[1]
+        todo: dict[str, list[tuple[int, int]]] = {}  # teacher -> its rows (micro-batch, row), in step order
+        for m, mb in enumerate(micro_batches):
+            for name, rows in self._rows_by_teacher(mb.teacher_B).items():
+                todo.setdefault(name, []).extend((m, b) for b in rows)
+        per_forward, local = {}, {}
+        for name in self.sources:
+            n = len(todo.get(name, ()))
+            budget = self.max_tokens[name] if isinstance(self.sources[name], OnlineTeacher) and not whole else 0
+            per_forward[name] = max(1, budget // T) if budget else max(1, n)
+            local[name] = math.ceil(n / per_forward[name])
+        forwards = self._forwards_over_meshes(local)  # host sync (sharded teachers): once per step
+        out = [TopK(torch.zeros(*mb.labels_BT.shape, self.k, dtype=torch.long, device=self.device),
+                    torch.zeros(*mb.labels_BT.shape, self.k, dtype=torch.float32, device=self.device))
+               for mb in micro_batches]
         for name in sorted(self.sources):  # same order on every rank: sharded teachers' collectives line up
-            rows = groups.get(name)
-            src = self.sources[name]
-            if rows is None:
-                if global_counts is not None and global_counts[name] > 0 and getattr(src, "sharded", False):
-                    src.dummy_step()
-                    self.dummy_steps[name] += 1
-                continue
-            rows_B = torch.tensor(rows, dtype=torch.long)
-            sig = self._to_device(src.signals(select_rows(batch, rows_B)))
-            rows_B = rows_B.to(self.device)
-            ids_BTK[rows_B] = sig.ids_BTK
-            logprobs_BTK[rows_B] = sig.logprobs_BTK
-            self.rows_seen[name] += len(rows)
-        return TopK(ids_BTK, logprobs_BTK)
+            src, rows, R = self.sources[name], todo.get(name, []), per_forward[name]
+            for j in range(forwards[name]):
+                chunk = rows[j * R:(j + 1) * R]
+                sig = self._to_device(src.signals(self._gather(micro_batches, chunk, T)))
+                self._scatter(out, chunk, sig)
+                self.rows_seen[name] += len(chunk)
+                if isinstance(src, OnlineTeacher):
+                    self.forwards[name] += 1
+                    self.empty_forwards[name] += not chunk
+                    self.gathered_bytes[name] += src.gather_bytes
+        return out
+
+    @staticmethod
+    def _gather(micro_batches, chunk: list[tuple[int, int]], T: int) -> Rows:
+        """The rows of `chunk` (micro-batch, row) as one batch; zero rows when it is empty."""
+        if not chunk:
+            return empty_rows(T)
+        parts = [select_rows(micro_batches[m], torch.tensor([b for mm, b in chunk if mm == m], dtype=torch.long))
+                 for m in sorted({m for m, _ in chunk})]
+        return parts[0] if len(parts) == 1 else concat_rows(parts)
+
+    def _scatter(self, out: list[TopK], chunk: list[tuple[int, int]], sig: TopK) -> None:
+        """Row i of `sig` is chunk[i] = (micro-batch m, row b): copy it to out[m] row b."""
+        for m in sorted({m for m, _ in chunk}):
+            at = [i for i, (mm, _) in enumerate(chunk) if mm == m]
+            src_B = torch.tensor(at, dtype=torch.long, device=self.device)
+            dst_B = torch.tensor([chunk[i][1] for i in at], dtype=torch.long, device=self.device)
+            out[m].ids_BTK[dst_B] = sig.ids_BTK.index_select(0, src_B)
+            out[m].logprobs_BTK[dst_B] = sig.logprobs_BTK.index_select(0, src_B)
 
     def _to_device(self, sig: TopK) -> TopK:
         return TopK(sig.ids_BTK.to(self.device, non_blocking=True), sig.logprobs_BTK.to(self.device, non_blocking=True))
@@ -197,17 +303,18 @@ def build_teachers(specs: dict, k: int, device="cpu", dtype: torch.dtype | None 
     which refuses a store made with another tokenizer, packing, dataset or K (`k` is added to `expected`).
     `names`: the run's ordered teacher names that batch.teacher_B indexes (default: the order of `specs`);
     `mesh`: the ranks a sharded teacher is sharded over (default: all)."""
-    sources = {}
+    sources, max_tokens = {}, {}
     for name, spec in specs.items():
         if isinstance(spec, dict):
             spec = TeacherSpec(**spec)
+        max_tokens[name] = spec.max_tokens
         if spec.path is not None:
             sources[name] = OnlineTeacher.load(spec.path, k, device=device, dtype=dtype, shard=spec.shard,
-                                               chunk_rows=chunk_rows, mesh=mesh)
+                                               chunk_rows=chunk_rows, mesh=mesh, placement=spec.placement)
         else:
             reader = StoreReader(spec.store, {**(expected or {}), "k": k}, device=device)
             if reader.rows_of not in (None, name):
                 raise ValueError(f"teacher {name!r}: store {spec.store} holds the rows of teacher {reader.rows_of!r}; "
                                  f"fix: point {name!r} to the store captured with teacher={name!r}")
             sources[name] = reader
-    return TeacherSet(sources, k, device, names=names)
+    return TeacherSet(sources, k, device, names=names, max_tokens=max_tokens)
