@@ -1,5 +1,5 @@
-"""Online teachers: one of our models loaded from an HF directory, frozen, optionally FSDP2-sharded; and
-`TeacherSet`, which holds a run's teachers by name (online or a store) and runs each only on the rows that name it
+"""Online teachers: one of our models loaded from an HF directory, frozen, placed over the ranks in one of
+PLACEMENTS (whole on every rank, FSDP2-sharded, or its experts spread: train.teachers.expert); and `TeacherSet`, which holds a run's teachers by name (online or a store) and runs each only on the rows that name it
 (docs/design.md, decision 3).
 """
 from __future__ import annotations
@@ -13,8 +13,27 @@ from model import Transformer, load_hf
 from model.attention import spans_to
 from train import parallel
 from train.data import IGNORE
+from train.errors import ConfigError
 from train.teachers.signal import Rows, TopK, default_dtype, dense_topk, loss_positions, select_rows, topk_logprobs
 from train.teachers.store import StoreReader
+
+# How an online teacher's weights are placed over the ranks of its group (the node's under HSDP):
+#   replicate  whole on every rank
+#   shard      FSDP2, 1/W of every tensor per rank, each block all-gathered for its forward (shard_teacher)
+#   expert     an MoE teacher's E/W experts of every layer per rank and the rest replicated, tokens sent to the
+#              experts' owners by all-to-all (train.teachers.expert); no weight is ever gathered
+PLACEMENTS = ("replicate", "shard", "expert")
+
+
+def resolve_placement(placement: str | None, shard: bool = False) -> str:
+    """`placement` checked, or the legacy `shard` flag's ("shard" / "replicate") when it is None."""
+    if placement is None:
+        return "shard" if shard else "replicate"
+    if placement not in PLACEMENTS:
+        raise ConfigError(f"teacher placement={placement!r} is not one of {PLACEMENTS}; pick one of them")
+    if shard and placement != "shard":
+        raise ValueError(f"shard=True contradicts placement={placement!r}; pass placement alone")
+    return placement
 
 
 def shard_teacher(model: Transformer, mesh=None) -> Transformer:
@@ -42,31 +61,58 @@ def shard_teacher(model: Transformer, mesh=None) -> Transformer:
 
 
 class OnlineTeacher:
-    """A frozen model that answers top-k at loss positions. `sharded` = wrapped by `shard_teacher`."""
+    """A frozen model that answers top-k at loss positions. `placement`: one of PLACEMENTS, as applied (a single
+    process runs every placement as `replicate`); `sharded`: wrapped by `shard_teacher`; `collective`: every rank
+    of the group must run each forward together (shard, expert), hence dummy steps on ranks without rows."""
 
-    def __init__(self, model: Transformer, k: int, sharded: bool = False, chunk_rows: int | None = None):
+    def __init__(self, model: Transformer, k: int, placement: str = "replicate", chunk_rows: int | None = None):
         if not 1 <= k <= model.args.vocab_size:
             raise ValueError(f"k={k} must be in [1, vocab_size={model.args.vocab_size}]")
-        self.model, self.k, self.sharded, self.chunk_rows = model, k, sharded, chunk_rows
-        self.device = next(iter(model.parameters())).device if not sharded else parallel.mesh_device()
+        assert placement in PLACEMENTS, placement
+        self.model, self.k, self.placement, self.chunk_rows = model, k, placement, chunk_rows
+        self.sharded = placement == "shard"
+        self.collective = placement != "replicate"
+        self.device = next(iter(model.parameters())).device if not self.sharded else parallel.mesh_device()
 
     @classmethod
     def load(cls, path, k: int, device="cpu", dtype: torch.dtype | None = None, shard: bool = False,
-             chunk_rows: int | None = None, mesh=None) -> "OnlineTeacher":
-        """Load an HF directory with `load_hf`, freeze it (no grad, eval) and, when `shard` and a process group
-        is initialised, shard it with FSDP2: built on the meta device and sharded, then given its weights by
-        rank 0, which alone reads the whole teacher into host memory (train.parallel.materialize_from_rank0);
-        each GPU holds 1/W of it, so a teacher larger than one GPU fits."""
+             chunk_rows: int | None = None, mesh=None, placement: str | None = None) -> "OnlineTeacher":
+        """Load an HF directory with `load_hf`, freeze it (no grad, eval) and place it (`placement`, default from
+        the older `shard` flag) when a process group is initialised, over `mesh`'s shard dimension (default: all
+        ranks):
+        - shard: built on the meta device and FSDP2-sharded, then given its weights by rank 0, which alone reads
+          the whole teacher into host memory (train.parallel.materialize_from_rank0); each GPU holds 1/W of it.
+        - expert: each rank reads only its E/W experts of every layer plus the replicated rest from the
+          safetensors (load_hf(experts=...): host memory per rank ~ its GPU share, 14.5 GB for Mixtral-8x7B at
+          W = 8), then train.teachers.expert.expert_parallel. ConfigError for a dense teacher or E not divisible
+          by W, from config.json before any weight is read."""
         path = Path(path)
         dtype = dtype or default_dtype(device)
-        shard = shard and parallel.is_distributed()
+        placement = resolve_placement(placement, shard)
+        if placement == "expert":
+            from train.teachers.expert import check_expert_placement
+            args = load_hf(path, dtype=dtype, device="meta").args  # config and tensor names checked, no weights
+            if not parallel.is_distributed():
+                check_expert_placement(args, 1, f"teacher {path}")  # a dense teacher is refused even alone
+        if not parallel.is_distributed():
+            placement = "replicate"  # one process holds the whole teacher whatever the placement
+        if placement == "expert":
+            from train.teachers.expert import expert_group, expert_parallel
+            group = expert_group(mesh)
+            ep, r = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
+            check_expert_placement(args, ep, f"teacher {path}")
+            L = args.moe.num_experts // ep
+            model = load_hf(path, dtype=dtype, device=device, experts=range(r * L, (r + 1) * L))
+            model.requires_grad_(False).eval()
+            return cls(expert_parallel(model, mesh), k, placement=placement, chunk_rows=chunk_rows)
+        shard = placement == "shard"
         model = load_hf(path, dtype=dtype, device="meta" if shard else device)
         model.requires_grad_(False).eval()
         if shard:
             shard_teacher(model, mesh)
             parallel.materialize_from_rank0(model, lambda: load_hf(path, dtype=dtype, device="cpu").state_dict(),
                                    parallel.mesh_device())
-        return cls(model, k, sharded=shard, chunk_rows=chunk_rows)
+        return cls(model, k, placement=placement, chunk_rows=chunk_rows)
 
     @torch.no_grad()
     def loss_topk(self, rows):
@@ -97,8 +143,9 @@ class OnlineTeacher:
 
     @torch.no_grad()
     def dummy_step(self):
-        """One forward on a single token plus the head gather: what a sharded teacher's collectives need from a
-        rank that has no rows of this teacher in a step where another rank has some."""
+        """One forward on a single token (plus the head gather when sharded): what a sharded or expert-parallel
+        teacher's collectives need from a rank that has no rows of this teacher in a step where another rank has
+        some (expert: the token's K routed copies join each layer's all-to-alls)."""
         t_11 = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         self.loss_topk(Rows(t_11, torch.full_like(t_11, IGNORE), None, None, None))
 
@@ -106,10 +153,12 @@ class OnlineTeacher:
 @dataclass
 class TeacherSpec:
     """One teacher of a run: online (`path`, an HF directory) or offline (`store`, a directory written by
-    `capture`), exactly one of the two. `shard`: FSDP2-shard an online teacher over the ranks (under torchrun)."""
+    `capture`), exactly one of the two. `placement`: one of PLACEMENTS for an online teacher (under torchrun);
+    `shard`: the older flag for placement="shard"."""
     path: str | None = None
     store: str | None = None
     shard: bool = False
+    placement: str | None = None
 
     def __post_init__(self):
         if (self.path is None) == (self.store is None):
@@ -152,9 +201,10 @@ class TeacherSet:
         return groups
 
     def _global_counts(self, groups: dict[str, list[int]]) -> dict[str, int] | None:
-        """Rows per teacher summed over ranks, when a sharded teacher needs all ranks to call it together.
+        """Rows per teacher summed over ranks, when a sharded or expert-parallel teacher needs all ranks to call
+        it together.
         Host sync: one per step, decides which teachers run."""
-        if not any(isinstance(s, OnlineTeacher) and s.sharded for s in self.sources.values()):
+        if not any(isinstance(s, OnlineTeacher) and s.collective for s in self.sources.values()):
             return None
         return parallel.sum_over_ranks({n: len(groups.get(n, ())) for n in self.sources})
 
@@ -173,7 +223,7 @@ class TeacherSet:
             rows = groups.get(name)
             src = self.sources[name]
             if rows is None:
-                if global_counts is not None and global_counts[name] > 0 and getattr(src, "sharded", False):
+                if global_counts is not None and global_counts[name] > 0 and getattr(src, "collective", False):
                     src.dummy_step()
                     self.dummy_steps[name] += 1
                 continue
@@ -196,14 +246,14 @@ def build_teachers(specs: dict, k: int, device="cpu", dtype: torch.dtype | None 
     on CUDA, fp32 on CPU unless `dtype`); offline ones open their store with `StoreReader(store, expected)`,
     which refuses a store made with another tokenizer, packing, dataset or K (`k` is added to `expected`).
     `names`: the run's ordered teacher names that batch.teacher_B indexes (default: the order of `specs`);
-    `mesh`: the ranks a sharded teacher is sharded over (default: all)."""
+    `mesh`: the ranks a sharded or expert-parallel teacher is spread over (default: all)."""
     sources = {}
     for name, spec in specs.items():
         if isinstance(spec, dict):
             spec = TeacherSpec(**spec)
         if spec.path is not None:
             sources[name] = OnlineTeacher.load(spec.path, k, device=device, dtype=dtype, shard=spec.shard,
-                                               chunk_rows=chunk_rows, mesh=mesh)
+                                               chunk_rows=chunk_rows, mesh=mesh, placement=spec.placement)
         else:
             reader = StoreReader(spec.store, {**(expected or {}), "k": k}, device=device)
             if reader.rows_of not in (None, name):
