@@ -198,5 +198,6 @@ def fast_paths(device: torch.device, compute_dtype, student_args) -> str:
              f"  routing / grouped GEMM / fused KD loss: {kernel_text}"
              + ("" if student_args.moe is None else f" (MoE student, {student_args.moe.num_experts} experts)"),
              f"  precision: {'bf16 compute, fp32 master weights and gradient reduction' if compute_dtype else 'fp32'}",
-             "  expert-parallel all-to-all: not in this version (teachers run replicated, sharded or from a store)"]
+             "  expert-parallel all-to-all: MoE teachers placed 'expert' (train.teachers.expert; students: not in "
+             "this version)"]
     return "\n".join(lines)

@@ -39,7 +39,11 @@ class PlanError(ValueError):
 class TeacherPlan:
     name: str
     args: object           # ModelArgs
-    sharded: bool
+    placement: str         # train.teachers.online.PLACEMENTS: replicate | shard | expert (over the shard group)
+
+    @property
+    def sharded(self) -> bool:
+        return self.placement == "shard"
 
 
 @dataclass
@@ -57,20 +61,38 @@ class Trace:
 
 
 def check_world(student_args, teachers: list[TeacherPlan], world: int, shard: int) -> None:
-    """PlanError for a world the models cannot be sharded over evenly: a stacked expert tensor that neither its
-    expert dimension nor its second dimension splits into `shard` equal parts would put whole experts on a
-    few ranks."""
+    """PlanError for a world the models cannot be placed on: a stacked expert tensor that neither its expert
+    dimension nor its second dimension splits into `shard` equal parts would put whole experts on a few ranks
+    (FSDP2: the student, sharded teachers); an expert-placed teacher needs E/shard whole experts per rank."""
     if world < 1:
         raise PlanError(f"a world of {world} GPUs; plan at least 1 (plan.nodes x plan.gpus_per_node)")
-    for what, a in [("student", student_args)] + [(f"teacher {t.name!r}", t.args) for t in teachers if t.sharded]:
-        if a.moe is None:
-            continue
-        E, F, D = a.moe.num_experts, a.hidden_dim, a.dim
-        if E % shard and ((2 * F) % shard or D % shard):
-            raise PlanError(f"{what}: {E} experts ([{E}, {2 * F}, {D}] and [{E}, {D}, {F}]) cannot be split "
-                            f"evenly over a shard group of {shard} GPUs (neither {E} nor {2 * F} and {D} are "
-                            f"multiples of {shard}); use a shard group that divides one of them "
-                            f"(--parallel.shard_group=N, or --plan.gpus_per_node=N)")
+    _check_fsdp_split("student", student_args, shard)
+    for t in teachers:
+        check_placement(t, shard)
+
+
+def check_placement(t: TeacherPlan, shard: int) -> None:
+    """PlanError unless teacher `t` can be placed as `t.placement` over a shard group of `shard` GPUs."""
+    if t.placement == "shard":
+        _check_fsdp_split(f"teacher {t.name!r}", t.args, shard)
+    elif t.placement == "expert":
+        from train.errors import ConfigError
+        from train.teachers.expert import check_expert_placement
+        try:
+            check_expert_placement(t.args, shard, f"teacher {t.name!r}")
+        except ConfigError as e:
+            raise PlanError(str(e)) from None
+
+
+def _check_fsdp_split(what: str, a, shard: int) -> None:
+    if a.moe is None:
+        return
+    E, F, D = a.moe.num_experts, a.hidden_dim, a.dim
+    if E % shard and ((2 * F) % shard or D % shard):
+        raise PlanError(f"{what}: {E} experts ([{E}, {2 * F}, {D}] and [{E}, {D}, {F}]) cannot be split "
+                        f"evenly over a shard group of {shard} GPUs (neither {E} nor {2 * F} and {D} are "
+                        f"multiples of {shard}); use a shard group that divides one of them "
+                        f"(--parallel.shard_group=N, or --plan.gpus_per_node=N)")
 
 
 @contextlib.contextmanager
@@ -203,12 +225,14 @@ def _held_reductions(module: nn.Module) -> int:
 
 
 def _teacher_shares(teachers: list[TeacherPlan], world: int, shard: int, dtype: torch.dtype) -> int:
-    """Bytes of the online teachers' weights on rank 0: whole (replicated) or its share (shard_teacher on the
-    shard dimension of the run's mesh, experts placed as the run places them)."""
+    """Bytes of the online teachers' weights on rank 0, as the run places them over the shard dimension of its
+    mesh: whole (replicate), its FSDP2 share (shard_teacher, experts placed as the run places them), or the
+    replicated non-expert weights plus E/shard experts of every layer (train.teachers.expert.expert_parallel)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from model import Transformer
     from train import parallel
+    from train.teachers.expert import expert_parallel
     from train.teachers.online import shard_teacher
     with fake_world(world):
         mesh = parallel.build_mesh(world, shard, "cpu")
@@ -217,11 +241,38 @@ def _teacher_shares(teachers: list[TeacherPlan], world: int, shard: int, dtype: 
             for t in teachers:
                 m = _meta_model(Transformer, t.args, dtype)
                 m.requires_grad_(False).eval()
-                if t.sharded:
+                if t.placement == "shard":
                     shard_teacher(m, parallel.shard_mesh(mesh))
                     m = m.to_empty(device="cpu")
-                total += _local_bytes(m.parameters())  # replicated: the meta model's sizes are the bytes
+                elif t.placement == "expert":
+                    expert_parallel(m, parallel.shard_mesh(mesh))  # rank 0's slice of every layer's experts
+                total += _local_bytes(m.parameters())  # otherwise the meta model's sizes are the bytes
     return total
+
+
+def teacher_bytes_by_placement(t: TeacherPlan, world: int, shard: int, dtype: torch.dtype) -> dict[str, int | None]:
+    """Rank 0's weight bytes of teacher `t` under each placement, each traced as the run would place it (None
+    where the placement cannot hold it: expert for a dense teacher or E not divisible by the shard group)."""
+    out: dict[str, int | None] = {}
+    for placement in ("replicate", "shard", "expert"):
+        other = TeacherPlan(t.name, t.args, placement)
+        try:
+            check_placement(other, shard)
+        except PlanError:
+            out[placement] = None
+            continue
+        out[placement] = _teacher_shares([other], world, shard, dtype)
+    return out
+
+
+def all_to_all_bytes(t: TeacherPlan, B: int, T: int, shard: int) -> int:
+    """Bytes one rank sends over one micro-batch of an expert-placed teacher (bf16): every MoE layer sends each
+    routed copy (B*T*K rows of D) to its expert's owner and gets as many back, the (shard-1)/shard that leave
+    the rank, with balanced routing. Received bytes are the same. Mixtral-8x7B, B*T = 16k, 8 ranks:
+    2 x 32 layers x 16384 x 2 x 4096 x 2 B x 7/8 = 15 GB."""
+    a = t.args
+    K = a.moe.num_experts_per_tok
+    return 2 * a.n_layers * B * T * K * a.dim * 2 * (shard - 1) // shard
 
 
 def _meta_model(cls, args, dtype):
@@ -240,14 +291,18 @@ def _teacher_forward_bytes(t: TeacherPlan, B: int, T: int, shard: int) -> int:
     """Transient bytes of one online teacher forward (no grad, bf16), by arithmetic: the block being run and the
     next one prefetched, all-gathered (sharded teacher); the residual stream and one block's widest
     intermediate (attention q/k/v/o, or the MoE's [T*K, 2F] rows); the LM head gathered for the top-k chunk
-    loop and one chunk's logits (bf16 + fp32, train.teachers.signal.head_chunk_rows)."""
+    loop and one chunk's logits (bf16 + fp32, train.teachers.signal.head_chunk_rows). Expert placement: no
+    gather, and the MoE's rows also pass through the all-to-all buffers (train.teachers.expert: the routed copies
+    sent, received, permuted, their results and the fp32 weighted combine: ~6 rows of D per routed copy besides
+    the [., 3F] of the experts), with balanced routing; a skewed router receives up to shard x that."""
     from train.teachers.signal import head_chunk_rows
     a = t.args
     E = a.moe.num_experts if a.moe else 1
     K = a.moe.num_experts_per_tok if a.moe else 1
     block = 2 * (a.dim * a.head_dim * (2 * a.n_heads + 2 * a.n_kv_heads) + 3 * a.dim * a.hidden_dim * E)
     gathered = 2 * block + 2 * a.vocab_size * a.dim if t.sharded else 0
-    widest = max(a.head_dim * (2 * a.n_heads + 2 * a.n_kv_heads), K * 3 * a.hidden_dim, a.dim)
+    moe_rows = K * (3 * a.hidden_dim + (6 * a.dim if t.placement == "expert" else 0))
+    widest = max(a.head_dim * (2 * a.n_heads + 2 * a.n_kv_heads), moe_rows, a.dim)
     acts = B * T * 2 * (3 * a.dim + widest)
     chunk = min(B * T, head_chunk_rows(a.vocab_size)) * a.vocab_size * 6
     return gathered + acts + chunk
@@ -295,13 +350,16 @@ def make_plan(cfg, shapes: dict | None = None) -> Plan:
             stores.append(name)
         else:
             args = (shapes or {}).get("teachers", {}).get(name) or read_model_args(spec.path, f"teachers.{name}.path")
-            teachers.append(TeacherPlan(name, args, spec.shard and world > 1))
+            # `placement` (replicate | shard | expert) where the config has it, else the older `shard` flag
+            placement = getattr(spec, "placement", None) or ("shard" if spec.shard else "replicate")
+            teachers.append(TeacherPlan(name, args, placement if world > 1 else "replicate"))
     compute = torch.bfloat16 if p.mixed_precision in ("auto", "bf16") else None  # the plan is for GPUs
     master = torch_dtype(cfg.model.dtype)
     teacher_dtype = torch_dtype(cfg.teachers.dtype) or torch.bfloat16
     common = dict(world=world, shard=shard, micro_batch=d.micro_batch, seq_len=d.seq_len, grad_accum=d.grad_accum,
                   k=cfg.teachers.k, compute_dtype=compute, master_dtype=master, teacher_dtype=teacher_dtype)
     ac = p.activation_checkpointing
+    by_placement = {t.name: teacher_bytes_by_placement(t, world, shard, teacher_dtype) for t in teachers}
     tr = trace_step(student, teachers, activation_checkpointing=ac, **common)
     other = trace_step(student, teachers, activation_checkpointing=not ac, **common)
     tr_ac, tr_noac = (tr, other) if ac else (other, tr)
@@ -317,7 +375,8 @@ def make_plan(cfg, shapes: dict | None = None) -> Plan:
     def gb(x):
         return f"{x / GB:6.1f} GB"
     mesh = f"{world // shard} x {shard} (HSDP: replicate x shard)" if shard < world else f"{world} (FSDP)"
-    tdesc = ", ".join(f"{t.name} online {'sharded' if t.sharded else 'replicated'}" for t in teachers) or ""
+    placed = {"replicate": "replicated", "shard": "sharded", "expert": f"experts over {shard} GPUs (expert placement)"}
+    tdesc = ", ".join(f"{t.name} online {placed[t.placement]}" for t in teachers) or ""
     tdesc = ", ".join(x for x in (tdesc, ", ".join(f"{s} from a store" for s in stores)) if x) or "none (sft)"
     L = [f"plan (simulation: fake tensors, fake process group; rank 0 of {world} GPUs, estimates, not measurements)",
          f"  world {pl.nodes} node(s) x {pl.gpus_per_node} GPUs = {world}; mesh {mesh}; GPU {pl.gpu_memory_gb:g} GB",
@@ -330,6 +389,7 @@ def make_plan(cfg, shapes: dict | None = None) -> Plan:
          f"{gb(tr.unsharded_grads).strip()}",
          f"    optimizer (AdamW moments)      {gb(tr.optimizer)}",
          f"    teachers' weights              {gb(tr.teachers)}",
+         *_placement_lines(teachers, by_placement, shard, d.micro_batch, d.seq_len),
          f"    activations, AC on / off       {gb(tr_ac.activations)} / {gb(tr_noac.activations).strip()}",
          f"    loss chunk (logits, fp32)      {gb(_loss_chunk_bytes(student, d.micro_batch * d.seq_len))}",
          f"    peak, AC on / off              {gb(tr_ac.peak)} / {gb(tr_noac.peak).strip()}   "
@@ -346,8 +406,25 @@ def make_plan(cfg, shapes: dict | None = None) -> Plan:
         L.append(f"  verdict: fits ({gb(budget - tr.peak).strip()} to spare)")
     else:
         L.append(f"  verdict: does NOT fit (peak {gb(tr.peak).strip()} > budget {gb(budget).strip()}); "
-                 + _fixes(cfg, tr, tr_ac, teachers, stores, budget, shard))
+                 + _fixes(cfg, tr, tr_ac, teachers, by_placement, budget))
     return Plan(L, fits, tr.peak / GB, tr)
+
+
+def _placement_lines(teachers, by_placement: dict, shard: int, B: int, T: int) -> list[str]:
+    """Per online teacher: its weights per rank under each placement (this run's marked), and for an expert
+    placement the all-to-all bytes of a micro-batch."""
+    def fmt(p, x):
+        return f"{p} {'n/a' if x is None else f'{x / GB:.1f} GB'}"
+    lines = []
+    for t in teachers:
+        by = by_placement[t.name]
+        lines.append(f"      {t.name}: " + " | ".join(fmt(p + ('*' if p == t.placement else ''), x)
+                                                       for p, x in by.items()) + "   (* this run)")
+        if t.placement == "expert":
+            lines.append(f"      {t.name}: all-to-all {all_to_all_bytes(t, B, T, shard) / GB:.1f} GB sent and as "
+                         f"much received per micro-batch per rank (dispatch + combine, {t.args.n_layers} layers, "
+                         "balanced routing); no weight gather")
+    return lines
 
 
 def _describe(a) -> str:
@@ -363,15 +440,21 @@ def _loss_chunk_bytes(a, n_tokens: int) -> int:
     return _chunk_size(n_tokens, a.dim, a.vocab_size) * a.vocab_size * 4
 
 
-def _fixes(cfg, tr: Trace, tr_ac: Trace, teachers, stores, budget: float, shard: int) -> str:
+def _fixes(cfg, tr: Trace, tr_ac: Trace, teachers, by_placement: dict, budget: float) -> str:
     """The single changes that would make it fit, by the traced figures; else what to combine."""
     over = tr.peak - budget
     options = []
     for t in teachers:
-        if not t.sharded:
-            share = tr.teachers / max(1, len(teachers))
-            saved = share - share / shard
+        by = by_placement[t.name]
+        share = by[t.placement]
+        if t.placement == "replicate" and by["shard"] is not None:
+            saved = share - by["shard"]
             options.append((saved, f"shard the teacher (--teachers.{t.name}.shard=true, saves ~{saved / GB:.0f} GB)"))
+        if t.placement == "replicate" and by["expert"] is not None:
+            saved = share - by["expert"]
+            options.append((saved, f"spread the teacher's experts over the node (--teachers.{t.name}.placement="
+                                   f"expert, saves ~{saved / GB:.0f} GB, no weight gathers)"))
+        if t.placement != "shard":
             options.append((share, f"use a store (capture the teacher once, --teachers.{t.name}.store=..., saves "
                                    f"~{share / GB:.0f} GB)"))
     if not cfg.parallel.activation_checkpointing:
