@@ -15,6 +15,7 @@ import torch
 from model import ModelArgs, MoEArgs, Transformer, load_hf, save_hf
 from train.errors import ConfigError
 from train.teachers import OnlineTeacher
+from train.teachers.capture import run_capture
 from train.teachers.expert import check_expert_placement
 from test_teacher import V, _packed
 
@@ -141,6 +142,22 @@ _SCRIPT = textwrap.dedent("""
             assert torch.equal(got.ids_BTK[b][clear], ids[clear, :K])
         else:
             assert torch.equal(got.ids_BTK[b], ids)
+    # 3. A capture under expert placement writes the arrays of a single-process capture: 8 samples in blocks of 3
+    #    (3, 3, 2) over R ranks: a rank with a shorter block or none joins the slots of the longest with dummy
+    #    forwards (2 ranks: rank 1 in round 1; 4 ranks: rank 2 once, rank 3 twice).
+    from pathlib import Path
+    from train.teachers.capture import run_capture
+    ref_out, ep_out = Path(data).parent / "ref_store", Path(data).parent / "ep_store"  # ref_out: by the test
+    dummies, real_dummy = [], OnlineTeacher.dummy_step
+    OnlineTeacher.dummy_step = lambda self: (dummies.append(1), real_dummy(self))
+    run_capture(moe, packed, ep_out, k=K, batch_size=2, rank=rank, world_size=R, block_samples=3, placement="expert")
+    assert len(dummies) == ({2: [0, 1], 4: [0, 0, 1, 2]}[R][rank]), dummies
+    dist.barrier()
+    if rank == 0:
+        npy = sorted(f.name for f in ref_out.iterdir() if f.suffix == ".npy")
+        assert npy and npy == sorted(f.name for f in ep_out.iterdir() if f.suffix == ".npy")
+        assert all((ref_out / n).read_bytes() == (ep_out / n).read_bytes() for n in npy)
+
     report = [None] * R
     dist.all_gather_object(report, (received, worst))
     if rank == 0:
@@ -153,7 +170,11 @@ def _run(tmp_path, moe_teacher, dense_teacher, nproc: int):
     data, script = tmp_path / "data", tmp_path / "ep.py"
     script.write_text(_SCRIPT)
     teacher_S = np.asarray([0, 1, 0, 1, 0, 0, 0, 0], np.int32)
-    _packed(8, teacher_S).save(data)
+    packed = _packed(8, teacher_S)
+    packed.save(data)
+    # The single-process capture the script's expert-parallel one must equal (here: a capture ends in a barrier
+    # when a process group exists).
+    run_capture(moe_teacher, packed, tmp_path / "ref_store", k=K, batch_size=2, block_samples=3)
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                            str(nproc), str(script), str(moe_teacher), str(dense_teacher), str(data)], env=env,

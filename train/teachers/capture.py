@@ -18,7 +18,7 @@ import torch
 from train import parallel
 from train.config import torch_dtype
 from train.data import IGNORE
-from train.teachers.online import OnlineTeacher
+from train.teachers.online import OnlineTeacher, resolve_placement
 from train.teachers.signal import default_dtype
 from train.teachers.store import (FORMAT, LOGPROB_DTYPES, atomic_save_npy, atomic_write_json, ids_dtype, read_json,
                                   storage_dtype, tokenizer_sha256, weights_quick_hash, weights_sha256)
@@ -52,14 +52,15 @@ def block_names(block: int) -> dict[str, str]:
 def run_capture(teacher_path, packed_dataset, out_dir, k: int, batch_size: int, rank: int = 0, world_size: int = 1,
                 dtype: str | torch.dtype = "float16", teacher: str | None = None, tokenizer_path=None,
                 device=None, compute_dtype: torch.dtype | None = None, shard: bool = False,
-                block_samples: int = 64) -> dict:
+                block_samples: int = 64, placement: str | None = None) -> dict:
     """Run the teacher at `teacher_path` over `packed_dataset` and write (or finish) the store in `out_dir`.
 
     dtype: stored log-probability dtype, "float16" (default; 11-bit mantissa, range to 65504: enough for
     log-probabilities of top-k tokens) or "bfloat16". teacher: capture only the sequences of this teacher name
     (phase 2); None = all. tokenizer_path: directory whose tokenizer files are hashed into the manifest (default:
     the teacher directory, if it holds any). compute_dtype: the teacher's (bf16 on CUDA, fp32 on CPU).
-    shard: FSDP2-shard the teacher over the initialised process group (every rank runs every forward together).
+    shard: FSDP2-shard the teacher over the initialised process group (every rank runs every forward together);
+    placement: replicate | shard | expert (train.teachers.online.PLACEMENTS; None: from `shard`).
     The selected samples are cut into blocks of `block_samples` (block b: selected samples b*n .. (b+1)*n - 1);
     each call takes the blocks not yet committed with b mod W == rank, so a capture resumes at any world size (a
     new world re-partitions the missing blocks) and the store's bytes do not depend on W.
@@ -84,7 +85,8 @@ def run_capture(teacher_path, packed_dataset, out_dir, k: int, batch_size: int, 
         raise ValueError(f"k={k} exceeds the teacher's vocab_size={V}")
     device = torch.device(device) if device is not None else parallel.mesh_device()
     compute_dtype = compute_dtype or default_dtype(device)
-    sharded = shard and parallel.is_distributed()
+    placement = resolve_placement(placement, shard)
+    sharded = placement != "replicate" and parallel.is_distributed()  # sharded or expert: collectives in step
 
     ds = packed_dataset
     teacher_S = np.asarray(ds.teacher)
@@ -125,10 +127,10 @@ def run_capture(teacher_path, packed_dataset, out_dir, k: int, batch_size: int, 
     share = [[b for b in missing if b % world_size == r] for r in range(world_size)]
     block_of = lambda b: selected[b * block_samples:(b + 1) * block_samples]  # noqa: E731
     mine, rounds = share[rank], max(len(x) for x in share)
-    model = OnlineTeacher.load(teacher_path, k, device=device, dtype=compute_dtype, shard=shard) \
+    model = OnlineTeacher.load(teacher_path, k, device=device, dtype=compute_dtype, placement=placement) \
         if (mine or (sharded and rounds)) else None
 
-    # A sharded teacher's collectives must line up: in round i every rank runs as many batches as the largest block
+    # A sharded (or expert-parallel) teacher's collectives must line up: in round i every rank runs as many batches as the largest block
     # of the round (blocks differ only at the end); a slot without local work runs a 1-token dummy forward.
     t_compute, samples_done, rows_done = time.perf_counter(), 0, 0
     for i in range(rounds):
@@ -252,6 +254,7 @@ def capture(cfg) -> None:
             run_capture(spec.path, packed, c.out, cfg.teachers.k, c.batch_size, rank=env.rank,
                         world_size=env.world_size, dtype=c.logprobs_dtype, teacher=c.rows_of or None,
                         tokenizer_path=tok_dir, device=env.device, compute_dtype=torch_dtype(cfg.teachers.dtype),
-                        shard=spec.shard, block_samples=c.block_samples)
+                        shard=spec.shard, block_samples=c.block_samples,
+                        placement=getattr(spec, "placement", None) or None)  # the field where the config has it
     finally:
         parallel.shutdown(env)
