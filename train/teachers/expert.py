@@ -9,8 +9,9 @@ pairs of this rank, R ranks of the group (ep), L = E/R experts per rank, N rows 
 
 Per rank Mixtral-8x7B at ep = 8 in bf16: 1.6 B replicated parameters (3.2 GB) + 45.1/8 B expert parameters
 (11.3 GB) = ~14.5 GB, with no weight gather ever (FSDP2 sharding gathers every block each forward). Traffic: each
-MoE layer sends M*D and receives as much twice (dispatch, combine), (R-1)/R of it over NVLink: T = 16k tokens,
-K = 2, D = 4096, bf16: 268 MB each way per layer, 32 layers: 17 GB per micro-batch per rank.
+MoE layer sends M rows of D twice (dispatch, then the results back) and receives as many with balanced routing:
+T = 16k tokens, K = 2, D = 4096, bf16: 268 MB per all-to-all, x 2 x 32 layers = 17 GB sent per micro-batch per
+rank, (R-1)/R of it (15 GB at R = 8) over NVLink, the rest to itself (train.plan.all_to_all_bytes).
 
 Ranks whose batch has no row of this teacher still run a forward (TeacherSet / OnlineTeacher.dummy_step, one
 token): every all-to-all of a layer needs every rank of the group.
