@@ -421,9 +421,8 @@ def _placement_lines(teachers, by_placement: dict, shard: int, B: int, T: int) -
         lines.append(f"      {t.name}: " + " | ".join(fmt(p + ('*' if p == t.placement else ''), x)
                                                        for p, x in by.items()) + "   (* this run)")
         if t.placement == "expert":
-            lines.append(f"      {t.name}: all-to-all {all_to_all_bytes(t, B, T, shard) / GB:.1f} GB sent and as "
-                         f"much received per micro-batch per rank (dispatch + combine, {t.args.n_layers} layers, "
-                         "balanced routing); no weight gather")
+            lines.append(f"      {t.name}: all-to-all {all_to_all_bytes(t, B, T, shard) / GB:.1f} GB sent + as much "
+                         f"received per micro-batch per rank ({t.args.n_layers} layers x 2, balanced routing)")
     return lines
 
 

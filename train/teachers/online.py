@@ -1,5 +1,6 @@
 """Online teachers: one of our models loaded from an HF directory, frozen, placed over the ranks in one of
-PLACEMENTS (whole on every rank, FSDP2-sharded, or its experts spread: train.teachers.expert); and `TeacherSet`, which holds a run's teachers by name (online or a store) and runs each only on the rows that name it
+PLACEMENTS (whole on every rank, FSDP2-sharded, or its experts spread: train.teachers.expert); and `TeacherSet`,
+which holds a run's teachers by name (online or a store) and runs each only on the rows that name it
 (docs/design.md, decision 3).
 """
 from __future__ import annotations
@@ -32,7 +33,8 @@ def resolve_placement(placement: str | None, shard: bool = False) -> str:
     if placement not in PLACEMENTS:
         raise ConfigError(f"teacher placement={placement!r} is not one of {PLACEMENTS}; pick one of them")
     if shard and placement != "shard":
-        raise ValueError(f"shard=True contradicts placement={placement!r}; pass placement alone")
+        raise ConfigError(f"shard=True contradicts placement={placement!r}; drop shard (placement='shard' is the "
+                          f"same as shard=True)")
     return placement
 
 
@@ -90,21 +92,9 @@ class OnlineTeacher:
         dtype = dtype or default_dtype(device)
         placement = resolve_placement(placement, shard)
         if placement == "expert":
-            from train.teachers.expert import check_expert_placement
-            args = load_hf(path, dtype=dtype, device="meta").args  # config and tensor names checked, no weights
-            if not parallel.is_distributed():
-                check_expert_placement(args, 1, f"teacher {path}")  # a dense teacher is refused even alone
+            return cls._load_expert(path, k, device, dtype, chunk_rows, mesh)
         if not parallel.is_distributed():
             placement = "replicate"  # one process holds the whole teacher whatever the placement
-        if placement == "expert":
-            from train.teachers.expert import expert_group, expert_parallel
-            group = expert_group(mesh)
-            ep, r = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
-            check_expert_placement(args, ep, f"teacher {path}")
-            L = args.moe.num_experts // ep
-            model = load_hf(path, dtype=dtype, device=device, experts=range(r * L, (r + 1) * L))
-            model.requires_grad_(False).eval()
-            return cls(expert_parallel(model, mesh), k, placement=placement, chunk_rows=chunk_rows)
         shard = placement == "shard"
         model = load_hf(path, dtype=dtype, device="meta" if shard else device)
         model.requires_grad_(False).eval()
@@ -113,6 +103,21 @@ class OnlineTeacher:
             parallel.materialize_from_rank0(model, lambda: load_hf(path, dtype=dtype, device="cpu").state_dict(),
                                    parallel.mesh_device())
         return cls(model, k, placement=placement, chunk_rows=chunk_rows)
+
+    @classmethod
+    def _load_expert(cls, path: Path, k: int, device, dtype, chunk_rows, mesh) -> "OnlineTeacher":
+        from train.teachers.expert import check_expert_placement, expert_group, expert_parallel
+        args = load_hf(path, dtype=dtype, device="meta").args  # config and tensor names checked, no weight read
+        group = expert_group(mesh) if parallel.is_distributed() else None
+        ep = torch.distributed.get_world_size(group) if group is not None else 1
+        check_expert_placement(args, ep, f"teacher {path}")  # a dense teacher is refused even in one process
+        if group is None:
+            model = load_hf(path, dtype=dtype, device=device).requires_grad_(False).eval()
+            return cls(model, k, placement="replicate", chunk_rows=chunk_rows)
+        L, r = args.moe.num_experts // ep, torch.distributed.get_rank(group)
+        model = load_hf(path, dtype=dtype, device=device, experts=range(r * L, (r + 1) * L))
+        model.requires_grad_(False).eval()
+        return cls(expert_parallel(model, mesh), k, placement="expert", chunk_rows=chunk_rows)
 
     @torch.no_grad()
     def loss_topk(self, rows):
