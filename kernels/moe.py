@@ -30,15 +30,33 @@ def moe_experts_ref(x_TD: Tensor, routing, w13_E2FD: Tensor, w2_EDF: Tensor, gem
     sync per GEMM, see grouped_mm_ref); every intermediate is materialised."""
     T, D = x_TD.shape
     K = routing.ids_TK.shape[1]
-    F = w2_EDF.shape[2]
     order_M = routing.order_M.long()
     x_MD = x_TD[order_M // K]                                       # pair p = t*K + slot comes from token p // K
-    h_M2F = gemm(x_MD, w13_E2FD, routing.offsets_E1)
-    a_MF = F_nn.silu(h_M2F[:, :F]) * h_M2F[:, F:]
-    y_MD = gemm(a_MF, w2_EDF, routing.offsets_E1)
+    y_MD = _swiglu_experts(x_MD, routing.offsets_E1, w13_E2FD, w2_EDF, gemm)
     y_MD = y_MD * routing.weights_TK.reshape(-1)[order_M][:, None]  # fp32 (weights are fp32)
     y_TD = y_MD[routing.inverse_M.long()].view(T, K, D).sum(dim=1)  # back to pair order p, then sum the K slots
     return y_TD.to(x_TD.dtype)
+
+
+def moe_experts_sorted(x_MD: Tensor, offsets_E1: Tensor, w13_E2FD: Tensor, w2_EDF: Tensor) -> Tensor:
+    """y_MD = w2 @ (silu(w1 @ x) * (w3 @ x)) of rows already sorted by expert (offsets_E1 as Routing's), unweighted,
+    in x's dtype: the expert step of moe_experts without the routing around it (expert parallelism runs it on the
+    rows other ranks sent, train.teachers.expert). The GEMM is picked as moe_experts picks it: kernels.grouped_mm
+    (Triton) where use_triton, torch._grouped_mm on the CPU where it runs, else the per-expert loop."""
+    if kernels.use_triton(x_MD):
+        gemm = kernels.grouped_mm
+    elif x_MD.device.type == "cpu" and torch_grouped_mm_runs("cpu", x_MD.dtype):
+        gemm = torch_grouped_mm
+    else:
+        gemm = grouped_mm_ref
+    return _swiglu_experts(x_MD, offsets_E1, w13_E2FD, w2_EDF, gemm)
+
+
+def _swiglu_experts(x_MD: Tensor, offsets_E1: Tensor, w13_E2FD: Tensor, w2_EDF: Tensor, gemm) -> Tensor:
+    F = w2_EDF.shape[2]
+    h_M2F = gemm(x_MD, w13_E2FD, offsets_E1)
+    a_MF = F_nn.silu(h_M2F[:, :F]) * h_M2F[:, F:]
+    return gemm(a_MF, w2_EDF, offsets_E1)
 
 
 def _moe_experts_fused(x_TD: Tensor, routing, w13_E2FD: Tensor, w2_EDF: Tensor) -> Tensor:

@@ -152,11 +152,16 @@ def _header(f: Path) -> dict[str, tuple]:
                          "it again") from None
 
 
-def load_hf(path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Transformer:
+def load_hf(path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+            experts: range | None = None) -> Transformer:
     """Read an HF Mistral/Mixtral directory into our Transformer (weights cast to `dtype`, placed on `device`).
 
     device="meta": check the directory (config, tensor names and shapes) and return the model on the meta
-    device without reading any weight, for sharding before the weights arrive (train.parallel)."""
+    device without reading any weight, for sharding before the weights arrive (train.parallel).
+    `experts` (a Mixtral, e.g. range(2, 4)): read only those experts of every MoE layer, so each layer's w13/w2
+    hold len(experts) experts in that order while the gate still scores all E. Such a model is incomplete on
+    its own (its MoE forward refuses the mismatch): train.teachers.expert runs it, each rank holding its slice.
+    The other experts are never read (Mixtral-8x7B: 11.3 of the 90 GB of bf16 experts per rank at 8 ranks)."""
     path = Path(path)
     cfg_file = path / "config.json"
     if not cfg_file.exists():
@@ -188,6 +193,16 @@ def load_hf(path, dtype: torch.dtype = torch.float32, device: str | torch.device
                 raise ValueError(f"{f}: tensor {name} has shape {shape} but config.json implies {shapes[name]}; "
                                  "config.json and the weights disagree")
 
+    if experts is not None:
+        if args.moe is None:
+            raise ValueError(f"{path} is a dense model; experts={experts} applies to a Mixtral (MoE) directory only")
+        if len(experts) == 0 or experts.step != 1 or not 0 <= experts.start < experts.stop <= args.moe.num_experts:
+            raise ValueError(f"experts={experts} must be a non-empty contiguous range within the "
+                             f"{args.moe.num_experts} experts of {path}")
+        for layer in model.layers:  # still meta: w13/w2 take the slice's shapes, which load_state_dict then checks
+            ff = layer.feed_forward
+            ff.w13 = torch.nn.Parameter(ff.w13[experts.start:experts.stop])
+            ff.w2 = torch.nn.Parameter(ff.w2[experts.start:experts.stop])
     if torch.device(device).type == "meta":
         return model.to(dtype)
 
@@ -195,6 +210,9 @@ def load_hf(path, dtype: torch.dtype = torch.float32, device: str | torch.device
     state: dict[str, torch.Tensor] = {}
     if args.moe is not None:
         E, F_, D = args.moe.num_experts, args.hidden_dim, args.dim
+        first = 0
+        if experts is not None:
+            E, first = len(experts), experts.start
         for i in range(args.n_layers):
             state[f"layers.{i}.feed_forward.w13"] = torch.empty(E, 2 * F_, D, dtype=dtype, device=device)
             state[f"layers.{i}.feed_forward.w2"] = torch.empty(E, D, F_, dtype=dtype, device=device)
@@ -205,6 +223,9 @@ def load_hf(path, dtype: torch.dtype = torch.float32, device: str | torch.device
     for f, hf_names in sorted(by_file.items()):
         with safe_open(f, "pt", device="cpu") as shard:
             for name in hf_names:
+                m = _EXPERT_RE.fullmatch(name)
+                if m is not None and experts is not None and int(m[2]) not in experts:
+                    continue  # another rank's expert: never read
                 t = shard.get_tensor(name)
                 if tuple(t.shape) != shapes[name]:
                     raise ValueError(f"{f.name}: tensor {name} has shape {tuple(t.shape)} but config.json implies "
@@ -215,11 +236,10 @@ def load_hf(path, dtype: torch.dtype = torch.float32, device: str | torch.device
                 if not bool(torch.isfinite(t).all()):
                     raise ValueError(f"{f}: tensor {name} holds NaN or Inf values; the checkpoint is corrupt (or was "
                                      "saved from a diverged run): use an earlier one")
-                m = _EXPERT_RE.fullmatch(name)
                 if m is None:
                     state[names[name]] = t
                     continue
-                i, e, w = int(m[1]), int(m[2]), m[3]
+                i, e, w = int(m[1]), int(m[2]) - first, m[3]
                 if w == "w2":
                     state[f"layers.{i}.feed_forward.w2"][e] = t
                 else:

@@ -71,3 +71,6 @@ def test_fast_paths_names_versions_and_the_cpu_fallbacks():
     assert f"torch {torch.__version__}" in text and "triton" in text
     assert "packed attention: dense-mask SDPA" in text and "the CPU path" in text
     assert "torch twins (the CPU path) (MoE student, 2 experts)" in text and "precision: fp32" in text
+    assert "checkpoint saves: asynchronous" in text and "expert-parallel all-to-all: not used (no online" in text
+    text = fast_paths(torch.device("cpu"), None, args, {"reference": "expert", "domain": "shard"}, False, True)
+    assert "checkpoint saves: synchronous" in text and "in use for teacher(s) reference" in text

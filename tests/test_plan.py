@@ -268,3 +268,45 @@ def test_plan_chooses_the_teacher_token_budget(tmp_path, capsys):
     assert main(args) == 0
     assert "teacher teacher: replicated (a whole copy per GPU); max_tokens auto (a step): 4 rows" in \
         capsys.readouterr().out
+
+
+def test_mixtral_8x7b_expert_placement_on_8_gpus_is_about_15_gb():
+    """Expert placement: per GPU the replicated non-expert weights plus 1/8 of the experts (bf16), against the
+    arithmetic from the published config and the other placements."""
+    from train.plan import teacher_bytes_by_placement
+    mixtral = args_from_config(MIXTRAL_8X7B)
+    by = teacher_bytes_by_placement(TeacherPlan("teacher", mixtral, True, "expert"), 8, 8, torch.bfloat16)
+    total = n_params(mixtral)
+    experts = mixtral.n_layers * mixtral.moe.num_experts * 3 * mixtral.dim * mixtral.hidden_dim
+    assert by["expert"] == 2 * (total - experts) + 2 * experts // 8
+    assert by["replicate"] == 2 * total
+    assert abs(by["shard"] / (2 * total / 8) - 1) < 0.02
+    print({k: f"{v / 1e9:.2f} GB" for k, v in by.items()})
+    assert 14e9 < by["expert"] < 15.5e9  # the issue's "~15 GB per GPU"
+    # 6 GPUs: 8 experts do not split (expert n/a, a named error when asked for); a dense teacher has no experts.
+    assert teacher_bytes_by_placement(TeacherPlan("teacher", mixtral, False), 6, 6, torch.bfloat16)["expert"] is None
+    with pytest.raises(PlanError, match="placement expert over a node of 6 GPUs, but it has 8 experts"):
+        check_world(args_from_config(MISTRAL_7B), [TeacherPlan("teacher", mixtral, True, "expert")], 6, 6)
+    with pytest.raises(PlanError, match="teacher 'dense': placement expert over a node of 8 GPUs, but it has no"):
+        check_world(mixtral, [TeacherPlan("dense", args_from_config(MISTRAL_7B), True, "expert")], 8, 8)
+
+
+def test_plan_reports_each_placement(tmp_path):
+    """The plan's teacher lines: weights per GPU under replicate | shard | expert with this run's marked, the
+    all-to-all bytes of an expert-placed teacher, and expert placement offered as a fix."""
+    from train.plan import make_plan
+    tiny = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "vocab_size": 256}
+    for name, c in (("student", {**MISTRAL_7B, **tiny}), ("teacher", {**MIXTRAL_8X7B, **tiny})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(c))
+    base = [f"model.path={tmp_path / 'student'}", f"teachers.teacher.path={tmp_path / 'teacher'}", "data.seq_len=64",
+            "plan.gpus_per_node=8", "plan.headroom_gb=0"]
+    text = "\n".join(make_plan(make_config("plan", None, base + ["plan.gpu_memory_gb=80",
+                                                                 "teachers.teacher.placement=expert"])).lines)
+    assert "experts split over the node's 8 GPUs" in text
+    assert "replicate " in text and "| shard " in text and "| expert* " in text
+    # 2 x 2 layers x 64 tokens x K=2 x D=64 x 2 B x 7/8 = 57,344 bytes = 0.0 GB on this tiny model
+    assert "all-to-all 0.0 GB sent" in text and "verdict: fits" in text
+    text = "\n".join(make_plan(make_config("plan", None, base + ["plan.gpu_memory_gb=0.0001"])).lines)
+    assert "replicate* " in text and "placement=expert" in text and "does NOT fit" in text

@@ -323,7 +323,9 @@ def _run(cfg: Config, env: parallel.Env, shapes: dict) -> Path:
     if env.distributed and placed and cfg.subcommand != "sft":
         teacher_mesh = parallel.node_mesh(env, mesh)
         out.info(f"teachers {placed} over the node's {teacher_mesh.size()} ranks")
-    out.info(fast_paths(env.device, compute, shapes["student"]))
+    placements = {n: t.placement for n, t in cfg.teachers.named.items() if t.path} if cfg.subcommand != "sft" else {}
+    out.info(fast_paths(env.device, compute, shapes["student"], placements, cfg.checkpoint.async_save,
+                        env.distributed))
     if env.device.type == "cuda":  # before any weights load: a run that cannot fit stops in seconds, not at OOM
         from train.plan import GB, fit_check
         fit_check(cfg, env, torch.cuda.get_device_properties(env.device).total_memory / GB, out.info)

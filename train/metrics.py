@@ -176,7 +176,8 @@ def flops_per_token(args, seq_len: int, train: bool) -> float:
     return 6 * params + attn if train else (2 * params + attn / 3)
 
 
-def fast_paths(device: torch.device, compute_dtype, student_args) -> str:
+def fast_paths(device: torch.device, compute_dtype, student_args, placements: dict | None = None,
+               async_save: bool = True, distributed: bool = False) -> str:
     """The run log's statement of this torch: versions, and for each fast path whether it is in use here or which
     fallback is (a cluster's torch is not CI's: 2.13 here, 2.11 on the lent GPU image)."""
     import kernels
@@ -201,5 +202,26 @@ def fast_paths(device: torch.device, compute_dtype, student_args) -> str:
              f"  routing / grouped GEMM / fused KD loss: {kernel_text}"
              + ("" if student_args.moe is None else f" (MoE student, {student_args.moe.num_experts} experts)"),
              f"  precision: {'bf16 compute, fp32 master weights and gradient reduction' if compute_dtype else 'fp32'}",
-             "  expert-parallel all-to-all: not in this version (teachers run replicated, sharded or from a store)"]
+             "  checkpoint saves: " + (_async_save_text(distributed) if async_save else
+                                       "synchronous, in the step (checkpoint.async_save=false)"),
+             "  expert-parallel all-to-all: " + _expert_text(placements or {}, distributed)]
     return "\n".join(lines)
+
+
+def _async_save_text(distributed: bool) -> str:
+    import torch.distributed.checkpoint as dcp
+    if not hasattr(dcp, "async_save"):
+        return "synchronous: this torch has no DCP async_save"
+    return ("asynchronous (DCP async_save on a gloo group of its own; the step waits only for the copy to host "
+            "memory)" + ("" if distributed else ", one process"))
+
+
+def _expert_text(placements: dict, distributed: bool) -> str:
+    expert = sorted(n for n, p in placements.items() if p == "expert")
+    if not expert:
+        return "not used (" + (", ".join(f"teacher {n}: {p}" for n, p in sorted(placements.items())) or
+                               "no online teacher") + "; students are never expert-parallel)"
+    if not distributed:
+        return f"not used: one process holds the whole of teacher(s) {', '.join(expert)} (placement expert needs " \
+               f"torchrun)"
+    return f"in use for teacher(s) {', '.join(expert)} (train.teachers.expert)"

@@ -232,6 +232,32 @@ def signal_bytes(micro_batch: int, seq_len: int, grad_accum: int, k: int) -> int
     return (grad_accum - 1) * micro_batch * seq_len * k * 12
 
 
+def teacher_bytes_by_placement(t: TeacherPlan, world: int, node: int, dtype: torch.dtype) -> dict[str, int | None]:
+    """Rank 0's weight bytes of teacher `t` under each placement over a node of `node` GPUs, each as the run would
+    place it (None where the placement cannot hold it: expert for a dense teacher or E not divisible by the node,
+    shard where no dimension of the experts splits)."""
+    out: dict[str, int | None] = {}
+    for placement in ("replicate", "shard", "expert"):
+        other = TeacherPlan(t.name, t.args, placement != "replicate" and node > 1, placement)
+        try:
+            check_world(dataclasses.replace(t.args, moe=None), [other], world, node, node)
+        except PlanError:
+            out[placement] = None
+            continue
+        out[placement] = _teacher_shares([other], world, node, dtype)
+    return out
+
+
+def all_to_all_bytes(t: TeacherPlan, B: int, T: int, node: int) -> int:
+    """Bytes one rank sends over one forward of B x T tokens of an expert-placed teacher (bf16): every MoE layer
+    sends each routed copy (B*T*K rows of D) to its expert's owner and gets as many back, the (node-1)/node that
+    leave the rank, with balanced routing; received bytes are the same. Mixtral-8x7B, B*T = 16k, 8 ranks:
+    2 x 32 layers x 16384 x 2 x 4096 x 2 B x 7/8 = 15 GB."""
+    a = t.args
+    K = a.moe.num_experts_per_tok
+    return 2 * a.n_layers * B * T * K * a.dim * 2 * (node - 1) // node
+
+
 def _expert_share(a, dtype: torch.dtype, node: int) -> int:
     """An expert-placed teacher's bytes on one GPU, by arithmetic: everything but the experts whole, and
     E / node of the experts (3 F x D each per layer)."""
@@ -429,10 +455,18 @@ def _teacher_lines(tr: Trace, teachers: list[TeacherPlan], d, node: int, budget:
             full = _n_params(t.args) * dtype.itemsize
             per_forward = full - full // node
             line += f", {per_forward / GB:.1f} GB all-gathered per GPU per forward ({forwards * per_forward / GB:.0f} GB per step)"
+        if t.sharded and t.placement == "expert":
+            a2a = all_to_all_bytes(t, rows, d.seq_len, node)
+            line += (f", all-to-all {a2a / GB:.1f} GB sent + as much received per GPU per forward "
+                     f"({t.args.n_layers} layers x 2, balanced routing; no weight gathers)")
         best = largest_rows_per_forward(tr, t, teachers, d, node, k, budget)
         line += (f"; largest that fits: max_tokens {best * d.seq_len:,}" if best else
                  "; not even one sequence per forward fits")
         out.append(line)
+        by = teacher_bytes_by_placement(t, node, node, dtype)
+        out.append(f"    {t.name}'s weights per GPU by placement: " + " | ".join(
+            f"{p}{'*' if p == t.placement else ''} {'n/a' if x is None else f'{x / GB:.1f} GB'}" for p, x in by.items())
+            + "   (* this run)")
     return out
 
 
@@ -465,6 +499,10 @@ def _fixes(cfg, tr: Trace, tr_ac: Trace, teachers, stores, budget: float, shard:
             saved = share - share / shard
             options.append((saved, f"shard the teacher over the node (--teachers.{t.name}.placement=shard, saves "
                                    f"~{saved / GB:.0f} GB)"))
+            if t.args.moe is not None and t.args.moe.num_experts % cfg.plan.gpus_per_node == 0:
+                saved = share - _expert_share(t.args, torch.bfloat16, cfg.plan.gpus_per_node)
+                options.append((saved, f"spread the teacher's experts over the node (--teachers.{t.name}.placement="
+                                       f"expert, saves ~{saved / GB:.0f} GB, no weight gathers)"))
             options.append((share, f"use a store (capture the teacher once, --teachers.{t.name}.store=..., saves "
                                    f"~{share / GB:.0f} GB)"))
     d, node = cfg.data, cfg.plan.gpus_per_node

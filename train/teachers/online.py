@@ -1,5 +1,6 @@
-"""Online teachers: one of our models loaded from an HF directory, frozen, optionally FSDP2-sharded; and
-`TeacherSet`, which holds a run's teachers by name (online or a store) and runs each only on the rows that name it
+"""Online teachers: one of our models loaded from an HF directory, frozen, placed over the ranks in one of
+PLACEMENTS (whole on every rank, FSDP2-sharded, or its experts spread: train.teachers.expert); and `TeacherSet`,
+which holds a run's teachers by name (online or a store) and runs each only on the rows that name it
 (docs/design.md, decision 3).
 """
 from __future__ import annotations
@@ -14,8 +15,28 @@ from model import Transformer, load_hf
 from model.attention import spans_to
 from train import parallel
 from train.data import IGNORE
+from train.errors import ConfigError
 from train.teachers.signal import Rows, TopK, default_dtype, dense_topk, loss_positions, select_rows, topk_logprobs
 from train.teachers.store import StoreReader
+
+# How an online teacher's weights are placed over the ranks of its group (the node's under HSDP):
+#   replicate  whole on every rank
+#   shard      FSDP2, 1/W of every tensor per rank, each block all-gathered for its forward (shard_teacher)
+#   expert     an MoE teacher's E/W experts of every layer per rank and the rest replicated, tokens sent to the
+#              experts' owners by all-to-all (train.teachers.expert); no weight is ever gathered
+PLACEMENTS = ("replicate", "shard", "expert")
+
+
+def resolve_placement(placement: str | None, shard: bool = False) -> str:
+    """`placement` checked, or the legacy `shard` flag's ("shard" / "replicate") when it is None."""
+    if placement is None:
+        return "shard" if shard else "replicate"
+    if placement not in PLACEMENTS:
+        raise ConfigError(f"teacher placement={placement!r} is not one of {PLACEMENTS}; pick one of them")
+    if shard and placement != "shard":
+        raise ConfigError(f"shard=True contradicts placement={placement!r}; drop shard (placement='shard' is the "
+                          f"same as shard=True)")
+    return placement
 
 
 def shard_teacher(model: Transformer, mesh=None) -> Transformer:
@@ -43,21 +64,25 @@ def shard_teacher(model: Transformer, mesh=None) -> Transformer:
 
 
 class OnlineTeacher:
-    """A frozen model that answers top-k at loss positions. `sharded` = wrapped by `shard_teacher` over the ranks
-    of `group` (None: every rank), which must then run each of its forwards together."""
+    """A frozen model that answers top-k at loss positions. `placement`: one of PLACEMENTS, as applied (a single
+    process runs every placement as `replicate`); `sharded`: wrapped by `shard_teacher` over the ranks of `group`
+    (None: every rank); expert: its MoE layers swapped by train.teachers.expert.expert_parallel over `group`.
+    Both are `collective`: every rank of the group must run each forward together."""
 
     def __init__(self, model: Transformer, k: int, sharded: bool = False, chunk_rows: int | None = None,
-                 group=None):
+                 group=None, placement: str | None = None):
         if not 1 <= k <= model.args.vocab_size:
             raise ValueError(f"k={k} must be in [1, vocab_size={model.args.vocab_size}]")
         self.model, self.k, self.sharded, self.chunk_rows, self.group = model, k, sharded, chunk_rows, group
+        self.placement = placement or ("shard" if sharded else "replicate")
+        assert self.placement in PLACEMENTS and sharded == (self.placement == "shard"), (self.placement, sharded)
         self.device = next(iter(model.parameters())).device if not sharded else parallel.mesh_device()
-        self.gather_bytes = gathered_bytes(model) if sharded else 0
+        self.gather_bytes = gathered_bytes(model) if sharded else 0  # expert: no weight is ever gathered
 
     @property
     def collective(self) -> bool:
-        """Every rank of `group` must call each forward (FSDP2's all-gathers)."""
-        return self.sharded
+        """Every rank of `group` must call each forward (FSDP2's all-gathers; the experts' all-to-alls)."""
+        return self.placement != "replicate"
 
     @classmethod
     def load(cls, path, k: int, device="cpu", dtype: torch.dtype | None = None, shard: bool = False,
@@ -67,19 +92,16 @@ class OnlineTeacher:
         with FSDP2 over `mesh` (a 1-D mesh, default every rank; the trainer passes the node's,
         train.parallel.node_mesh): built on the meta device and sharded, then given its weights by rank 0, which
         alone reads the whole teacher into host memory (train.parallel.materialize_from_rank0); each GPU holds
-        1/W of it, so a teacher larger than one GPU fits. "expert": train.teachers.expert."""
-        placement = placement or ("shard" if shard else "replicate")
-        if placement not in ("replicate", "shard", "expert"):  # train.config.PLACEMENTS (no import upward)
-            raise ValueError(f"placement={placement!r}; use one of replicate, shard, expert")
-        if placement == "expert":
-            try:
-                from train.teachers import expert
-            except ImportError:
-                raise NotImplementedError("placement='expert' needs train/teachers/expert.py (expert parallelism), "
-                                          "which this build lacks; use placement='shard'") from None
-            return expert.load(path, k, device=device, dtype=dtype, chunk_rows=chunk_rows, mesh=mesh)
+        1/W of it, so a teacher larger than one GPU fits.
+        "expert": each rank reads only its E/W experts of every layer plus the replicated rest from the
+        safetensors (load_hf(experts=...): host memory per rank ~ its GPU share, 14.5 GB for Mixtral-8x7B at
+        W = 8), then train.teachers.expert.expert_parallel. ConfigError for a dense teacher or E not divisible by
+        W, from config.json before any weight is read."""
         path = Path(path)
         dtype = dtype or default_dtype(device)
+        placement = resolve_placement(placement, shard)
+        if placement == "expert":
+            return cls._load_expert(path, k, device, dtype, chunk_rows, mesh)
         shard = placement == "shard" and parallel.is_distributed()
         model = load_hf(path, dtype=dtype, device="meta" if shard else device)
         model.requires_grad_(False).eval()
@@ -91,6 +113,21 @@ class OnlineTeacher:
         parallel.materialize_from_rank0(model, lambda: load_hf(path, dtype=dtype, device="cpu").state_dict(),
                                         parallel.mesh_device())
         return cls(model, k, sharded=True, chunk_rows=chunk_rows, group=mesh.get_group())
+
+    @classmethod
+    def _load_expert(cls, path: Path, k: int, device, dtype, chunk_rows, mesh) -> "OnlineTeacher":
+        from train.teachers.expert import check_expert_placement, expert_group, expert_parallel
+        args = load_hf(path, dtype=dtype, device="meta").args  # config and tensor names checked, no weight read
+        group = expert_group(mesh) if parallel.is_distributed() else None
+        ep = torch.distributed.get_world_size(group) if group is not None else 1
+        check_expert_placement(args, ep, f"teacher {path}")  # a dense teacher is refused even in one process
+        if group is None:
+            model = load_hf(path, dtype=dtype, device=device).requires_grad_(False).eval()
+            return cls(model, k, chunk_rows=chunk_rows)
+        L, r = args.moe.num_experts // ep, torch.distributed.get_rank(group)
+        model = load_hf(path, dtype=dtype, device=device, experts=range(r * L, (r + 1) * L))
+        model.requires_grad_(False).eval()
+        return cls(expert_parallel(model, mesh), k, chunk_rows=chunk_rows, group=group, placement="expert")
 
     @torch.no_grad()
     def loss_topk(self, rows):
