@@ -98,9 +98,11 @@ def build_heldout(cfg, packed, env: parallel.Env, log) -> HeldOut | None:
     fit = min(len(order_S), e.max_tokens // cfg.data.seq_len)
     sequences = fit - fit % env.world_size
     if sequences == 0:
-        raise ConfigError(f"eval: {fit} held-out sequence(s) fit eval.max_tokens={e.max_tokens} at data.seq_len="
-                          f"{cfg.data.seq_len}, fewer than the {env.world_size} ranks (each evaluates the same number); "
-                          f"raise eval.max_tokens to >= {env.world_size * cfg.data.seq_len} or hold out more rows")
+        fix = (f"raise eval.max_tokens to >= {env.world_size * cfg.data.seq_len}" if fit < len(order_S) else
+               "hold out more rows" + (" (raise eval.fraction)" if e.fraction else ""))
+        raise ConfigError(f"eval: {fit} held-out sequence(s) to evaluate ({len(order_S)} held out, eval.max_tokens="
+                          f"{e.max_tokens} at data.seq_len={cfg.data.seq_len}), fewer than the {env.world_size} ranks "
+                          f"(each evaluates the same number); {fix}")
     log(f"eval: every {e.every} steps on {sequences} sequences ({sequences * cfg.data.seq_len} tokens) of {source}"
         + ("" if with_teacher else "; CE only"))
     dae = cfg.subcommand == "dae"
