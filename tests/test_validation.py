@@ -140,3 +140,29 @@ def test_bad_eval_input_is_a_named_error(world, tmp_path):
                                          "checkpoint.export_final": False}))
     with pytest.raises(UserError, match="eval.fraction and run.seed"):
         L.run(cfg_for(world, run, steps=3, **{"eval.every": 2, "eval.fraction": 0.5, "checkpoint.resume": "auto"}))
+
+
+def test_sampler_never_draws_held_out_sequences_in_either_pool():
+    """dae's two pools (general, domain) both lose the held-out sequences; over several epochs every training
+    sequence is drawn and no held-out one; a resume from another split is refused."""
+    from train.data import Sampler
+    from train.data.packing import PackedDataset
+    S, T = 40, 8
+    z = np.zeros((S, T), dtype=np.int32)
+    packed = PackedDataset(z, z, z, z, (np.arange(S) % 4 == 0).astype(np.int32), ["reference", "domain"], T, 0, {})
+    train_S, held_S = V.split_heldout(S, 0.2, seed=3)
+    assert len(held_S) == 8 and sorted(np.concatenate([train_S, held_S]).tolist()) == list(range(S))
+    assert (packed.teacher[held_S] == 1).any()  # the split reaches into the domain pool too
+    sampler = Sampler(packed, 4, rank=0, world_size=2, seed=3, domain_fraction=0.3, members=train_S)
+    drawn = []
+    for _ in range(40):  # 40 global batches of 8: ~10 epochs of the 32 training sequences
+        drawn += sampler._global_indices()[0].tolist()  # the whole global batch, every rank's share
+        sampler.next_indices()
+    drawn = np.asarray(drawn)
+    assert not set(drawn.tolist()) & set(held_S.tolist()) and set(drawn.tolist()) == set(train_S.tolist())
+    other = Sampler(packed, 4, rank=0, world_size=2, seed=3, domain_fraction=0.3,
+                    members=V.split_heldout(S, 0.3, seed=3)[0])
+    with pytest.raises(ValueError, match="eval.fraction and run.seed"):
+        other.load_state_dict(sampler.state_dict())
+    Sampler(packed, 4, rank=0, world_size=2, seed=3, domain_fraction=0.3, members=train_S).load_state_dict(
+        sampler.state_dict())

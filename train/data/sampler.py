@@ -2,6 +2,7 @@
 of one global batch."""
 from __future__ import annotations
 
+import hashlib
 from typing import Iterator
 
 import numpy as np
@@ -127,13 +128,12 @@ class Sampler:
         """None when every sequence is drawn, else a hash of the members (a resume must draw from the same ones)."""
         if len(self.members) == len(self.packed):
             return None
-        import hashlib
         return hashlib.blake2b(self.members.tobytes(), digest_size=8).hexdigest()
 
     def state_dict(self) -> dict:
+        digest = self._members_digest()
         return {"seed": self.seed, "step": self.step, "global_batch": self.global_batch,
-                **{f"consumed_{k}": c for k, c in enumerate(self._consumed)},
-                **({"members": self._members_digest()} if self._members_digest() else {})}
+                **{f"consumed_{k}": c for k, c in enumerate(self._consumed)}, **({"members": digest} if digest else {})}
 
     def load_state_dict(self, state: dict) -> None:
         if int(state["seed"]) != self.seed:
