@@ -155,30 +155,28 @@ def validate(module_evaluate, teachers, held: HeldOut, env: parallel.Env) -> dic
     """The val_* metrics of the student now: `module_evaluate` is `StudentWithLoss.evaluate` reached through
     `train.parallel.forward_method`; `teachers` the run's TeacherSet (None: sft). Per-token means over the answer
     tokens of every rank's share."""
-    W = env.world_size
+    W, dev = env.world_size, env.device
     mine_S = held.order_S[:held.sequences][env.rank::W]  # sequences // W on every rank
-    sums = torch.zeros(4, device=env.device)  # CE, KL, top-1 agreements, loss tokens (StudentWithLoss.evaluate)
+    sums = torch.zeros(4, device=dev)  # CE, KL, top-1 agreements, loss tokens (StudentWithLoss.evaluate)
     seen = dict(teachers.rows_seen) if teachers is not None else None
     for start in range(0, len(mine_S), held.micro_batch):
         batch = held.packed.batch(mine_S[start:start + held.micro_batch])
         batch.teacher_B = torch.from_numpy(held.teacher_map[batch.teacher_B.numpy()])
         idx_N = loss_positions(batch.labels_BT)  # CPU labels: no device sync
-        N = len(idx_N)
         if held.with_teacher:
             with torch.no_grad():
                 sig = teachers.signals(batch)
             K = sig.ids_BTK.shape[-1]
-            ids_NK = sig.ids_BTK.reshape(-1, K).index_select(0, idx_N.to(sig.ids_BTK.device))
-            logprobs_NK = sig.logprobs_BTK.reshape(-1, K).index_select(0, idx_N.to(sig.ids_BTK.device))
-        else:
-            ids_NK = torch.zeros(N, 0, dtype=torch.long)
-            logprobs_NK = torch.zeros(N, 0)
-        spans = spans_to(batch.doc_ids_BT, env.device)
-        b = batch.to(env.device, non_blocking=True)
-        dev = env.device
-        sums += module_evaluate(b.tokens_BT, b.positions_BT, b.doc_ids_BT, idx_N.to(dev),
-                                b.labels_BT.reshape(-1).index_select(0, idx_N.to(dev)), ids_NK.to(dev),
-                                logprobs_NK.to(dev), spans)
+            rows_N = idx_N.to(sig.ids_BTK.device)
+            ids_NK = sig.ids_BTK.reshape(-1, K).index_select(0, rows_N)
+            logprobs_NK = sig.logprobs_BTK.reshape(-1, K).index_select(0, rows_N)
+        else:  # K = 0: CE only
+            ids_NK, logprobs_NK = torch.zeros(len(idx_N), 0, dtype=torch.long), torch.zeros(len(idx_N), 0)
+        spans = spans_to(batch.doc_ids_BT, dev)  # document boundaries from the CPU ids: no device sync
+        b, idx_N = batch.to(dev, non_blocking=True), idx_N.to(dev, non_blocking=True)
+        sums += module_evaluate(b.tokens_BT, b.positions_BT, b.doc_ids_BT, idx_N,
+                                b.labels_BT.reshape(-1).index_select(0, idx_N), ids_NK.to(dev), logprobs_NK.to(dev),
+                                spans)
     if seen is not None:  # rows_seen counts training rows (the routing proof and the final log line)
         teachers.rows_seen.update(seen)
     parallel.all_reduce_sum(sums, env)
