@@ -302,27 +302,33 @@ class Node:
             t0 = time.perf_counter()
             problem, checks = self.launch(st, i, args, run_dir, steps, port)
             if self.main:
-                ref_key = "tiny" if st.tiny else "real"
-                if ref_key not in self.refs:
-                    ga = sub_cfg.data.grad_accum * self.world.size // a.ref_nproc
-                    ref_dir = self.work / f"ref-{ref_key}"
-                    ref_o = [f"--{k}={v}" for k, v in fixed.items()] + [f"--data.grad_accum={ga}"]
-                    rc = reference(sub, config, self.common(sub_cfg, steps, ref_dir, evaluating) + ref_o + self.extra,
-                                   a.ref_nproc, self.work / "logs" / f"ref-{ref_key}.log")
-                    self.refs[ref_key] = (records(ref_dir), "" if rc == 0 else
-                                          f"reference failed: {last_error(self.work / 'logs' / f'ref-{ref_key}.log')}")
-                ref, ref_problem = self.refs[ref_key]
-                worst, problem = float("inf"), problem or ref_problem
-                if not problem:
-                    diffs = [compare(records(d), ref, steps_) for d, steps_ in checks]
-                    worst, problem = max(w for w, _ in diffs), next((x for _, x in diffs if x), "")
-                ok = not problem and worst <= tol
-                runs = " and ".join(f"{d.name} steps {r.start}-{r.stop - 1}" for d, r in checks)
-                detail = problem or f"max |loss - ref| = {worst:.1e} (tol {tol:.0e}) over {runs}"
+                ok, detail = self.verdict(st, problem, checks, sub, config, sub_cfg, steps, fixed, evaluating, tol)
                 self.say(f"{label}: {'PASS' if ok else 'FAIL'} {detail} [{time.perf_counter() - t0:.0f} s]")
                 publish(verdict_file, {"ok": ok})
             failed = not wait_for(verdict_file, f"node 0's verdict on {label}", a.verdict_timeout_s)["ok"]
         return 1 if failed else 0
+
+    def verdict(self, st: Stage, problem: str, checks: list, sub: str, config: str, sub_cfg, steps: int,
+                fixed: dict, evaluating: bool, tol: float) -> tuple[bool, str]:
+        """Node 0: the stage's records against the reference (run once per config, on this node, on the same
+        global batches: data.grad_accum x world / --ref-nproc micro-batches per step)."""
+        key = "tiny" if st.tiny else "real"
+        if key not in self.refs:
+            ga = sub_cfg.data.grad_accum * self.world.size // self.a.ref_nproc
+            ref_dir, log = self.work / f"ref-{key}", self.work / "logs" / f"ref-{key}.log"
+            args = (self.common(sub_cfg, steps, ref_dir, evaluating) + [f"--{k}={v}" for k, v in fixed.items()]
+                    + [f"--data.grad_accum={ga}"] + self.extra)
+            rc = reference(sub, config, args, self.a.ref_nproc, log)
+            self.refs[key] = records(ref_dir), "" if rc == 0 else f"reference failed: {last_error(log)}"
+        ref, ref_problem = self.refs[key]
+        if problem or ref_problem:
+            return False, problem or ref_problem
+        diffs = [compare(records(d), ref, steps_) for d, steps_ in checks]
+        worst, problem = max(w for w, _ in diffs), next((x for _, x in diffs if x), "")
+        if problem:
+            return False, problem
+        runs = " and ".join(f"{d.name} steps {r.start}-{r.stop - 1}" for d, r in checks)
+        return worst <= tol, f"max |loss - ref| = {worst:.1e} (tol {tol:.0e}) over {runs}"
 
     def launch(self, st: Stage, i: int, args: list, run_dir: Path, steps: int, port: int) -> tuple[str, list]:
         """Run the stage on this node: (problem or "", [(run directory, steps whose records must equal the
