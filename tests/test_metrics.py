@@ -74,3 +74,25 @@ def test_fast_paths_names_versions_and_the_cpu_fallbacks():
     assert "checkpoint saves: asynchronous" in text and "expert-parallel all-to-all: not used (no online" in text
     text = fast_paths(torch.device("cpu"), None, args, {"reference": "expert", "domain": "shard"}, False, True)
     assert "checkpoint saves: synchronous" in text and "in use for teacher(s) reference" in text
+
+
+def test_validation_metrics_reach_jsonl_tensorboard_and_the_plot(tmp_path, capsys):
+    """A step that validated (train/validation.py) writes its val_* with that step's record, even between logging
+    steps; TensorBoard files them under val/; the loss plot draws them."""
+    pytest.importorskip("matplotlib")
+    tb = pytest.importorskip("tensorboard")  # noqa: F841
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = Output(tmp_path, active=True, every=4, progress=False, total=4, start=0, tensorboard=True)
+    out.open_files()
+    val = {"val_ce": 2.5, "val_kd": 0.75, "val_top1": 0.5, "val_tokens": 80}
+    for i in range(4):
+        out.step(i + 1, {**_rec(i), **(val if i == 1 else {})}, force=i == 1)
+    out.close(plot=True)
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    assert {k: records[0][k] for k in val} == val and not set(val) & set(records[1])
+    assert "val ce 2.5000 kd 0.7500 top1 50.0%" in capsys.readouterr().out
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("val/kd")] == [(2, 0.75)]
+    assert (tmp_path / "loss_curve.png").stat().st_size > 0

@@ -172,6 +172,21 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    every: int = _f(0, "validation every N optimizer steps on held-out rows (0: off): CE on the answer tokens, "
+                       "KL(teacher || student) over the teacher's top-k (tau = 1) and top-1 agreement, as val_* in "
+                       "metrics.jsonl; needs one of paths, packed, fraction")
+    paths: list[str] = _f([], "held-out chat rows (the data.paths schema), prepared and packed as the training rows")
+    packed: str = _f("", "instead of paths: held-out data prepared by `train/main.py prepare` (a prepared-* directory "
+                         "of the cache), of the student's tokenizer and data.seq_len")
+    fraction: float = _f(0.0, "instead of paths: set this fraction of the training data's packed sequences (whole "
+                              "documents) aside before sampling; they never reach training, and a store captured "
+                              "from the data covers them")
+    max_tokens: int = _f(65536, "tokens (sequences x data.seq_len) per validation at most: the first held-out "
+                                "sequences of a fixed order, split evenly over the ranks")
+
+
+@dataclass
 class CaptureConfig:
     out: str = _f("", "store directory to write (top-k ids and log-probs per loss position, plus the packed "
                       "data they key on)")
@@ -221,9 +236,10 @@ SECTION_TYPES = {
     "run": RunConfig, "model": ModelConfig, "data": DataConfig, "teachers": TeachersConfig, "loss": LossConfig,
     "optim": OptimConfig, "schedule": ScheduleConfig, "parallel": ParallelConfig, "checkpoint": CheckpointConfig,
     "logging": LoggingConfig, "capture": CaptureConfig, "prepare": PrepareConfig, "upcycle": UpcycleConfig,
-    "export": ExportConfig, "plan": PlanConfig,
+    "export": ExportConfig, "plan": PlanConfig, "eval": EvalConfig,
 }
-_TRAIN = ("run", "model", "data", "teachers", "loss", "optim", "schedule", "parallel", "checkpoint", "logging")
+_TRAIN = ("run", "model", "data", "teachers", "loss", "optim", "schedule", "parallel", "checkpoint", "logging",
+          "eval")
 SECTIONS = {
     "kd": _TRAIN, "dae": _TRAIN, "sft": tuple(s for s in _TRAIN if s != "teachers"),
     "capture": ("run", "data", "teachers", "parallel", "capture"),
@@ -252,6 +268,7 @@ class Config:
     upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def sections(self) -> tuple[str, ...]:
@@ -533,6 +550,19 @@ def validate(cfg: Config) -> None:
                  "checkpoint.resume=auto needs the run to resume: set --run.dir=<its directory>")
     if "logging" in cfg.sections:
         _require(cfg.logging.every >= 1, f"logging.every={cfg.logging.every}; use at least 1")
+    if "eval" in cfg.sections:
+        e = cfg.eval
+        _require(e.every >= 0, f"eval.every={e.every}; use 0 (off) or a step count")
+        _require(0.0 <= e.fraction < 1.0, f"eval.fraction={e.fraction}; use a value in [0, 1) (0: none held out)")
+        _require(e.every == 0 or e.max_tokens >= cfg.data.seq_len,
+                 f"eval.max_tokens={e.max_tokens} is less than one sequence; use at least data.seq_len (= "
+                 f"{cfg.data.seq_len})")
+        given = [k for k, v in (("eval.paths", e.paths), ("eval.packed", e.packed), ("eval.fraction", e.fraction))
+                 if v]
+        _require(len(given) <= 1, f"{' and '.join(given)} are all set; give one source of held-out rows")
+        _require(e.every == 0 or bool(given), f"eval.every={e.every} needs held-out rows: set eval.paths=<chat rows "
+                                              f"file>, eval.packed=<prepared directory> or eval.fraction=<e.g. "
+                                              f"0.02> (or eval.every=0)")
     if sc == "capture":
         _require(bool(cfg.capture.out), "capture.out is missing; set --capture.out=<store directory to write>")
         c = cfg.capture

@@ -50,6 +50,7 @@ from train.loss import LossSettings, LossStats, StudentWithLoss
 from train.metrics import Output, fast_paths, flops_per_token, peak_flops, peak_memory_gb
 from train.preflight import preflight
 from train.teachers import expected_for
+from train.validation import build_heldout, due, training_members, validate
 
 TRAIN_SUBCOMMANDS = ("kd", "dae", "sft")
 # Per-step statistics: the loss module's (LossStats) and the stop flag, summed over micro-batches and ranks in
@@ -222,7 +223,8 @@ def build_data(cfg: Config, run_dir: Path, env: parallel.Env, out: Output):
         raise ConfigError(f"dae: the data has no `domain` rows (teachers found: {packed.teacher_names}); mark "
                           f"domain rows with \"teacher\": \"domain\" or \"domain\": true")
     sampler = Sampler(packed, d.micro_batch * d.grad_accum, rank=env.rank, world_size=env.world_size,
-                      seed=cfg.run.seed, domain_fraction=d.domain_fraction if dae else None)
+                      seed=cfg.run.seed, domain_fraction=d.domain_fraction if dae else None,
+                      members=training_members(cfg, len(packed)))  # eval.fraction's held-out rows are never drawn
     return packed, sampler
 
 
@@ -332,6 +334,7 @@ def _run(cfg: Config, env: parallel.Env, shapes: dict) -> Path:
 
     with reraise_as(DataError):
         packed, sampler = build_data(cfg, run_dir, env, out)
+        held = build_heldout(cfg, packed, env, out.info)
     with reraise_as(ModelDirError, "teachers: "):  # a store's or an online teacher's directory
         teachers = build_teachers(cfg, packed, env, teacher_mesh)
     dtype = torch_dtype(cfg.model.dtype)
@@ -354,6 +357,7 @@ def _run(cfg: Config, env: parallel.Env, shapes: dict) -> Path:
             parallel.materialize_from_rank0(
                 module, lambda: {f"student.{k}": v for k, v in
                                  load_hf(cfg.model.path, dtype=dtype, device="cpu").state_dict().items()}, env.device)
+    evaluate = parallel.forward_method(module, "evaluate") if held is not None else None
     o = cfg.optim
     optimizer = torch.optim.AdamW(decay_groups(module, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     # Data, teachers and student have loaded, so every check has passed: only now do the run's own files appear
@@ -369,7 +373,8 @@ def _run(cfg: Config, env: parallel.Env, shapes: dict) -> Path:
     if resume_from:
         state, rank_state = ckpt.load(resume_from, module, optimizer, env)
         assert state["sampler"]["global_batch"] == sampler.global_batch  # checked before the run dir was written
-        sampler.load_state_dict(state["sampler"])
+        with reraise_as(ConfigError, f"{resume_from}: "):
+            sampler.load_state_dict(state["sampler"])
         counters.update(state["counters"])
         if teachers is not None:
             teachers.rows_seen.update(rank_state.get("rows_seen", {}))
@@ -415,6 +420,7 @@ def _run(cfg: Config, env: parallel.Env, shapes: dict) -> Path:
                 out.info(f"step {step}: non-finite loss {s['loss']} or grad norm {s['grad_norm']}: update skipped "
                          f"({counters['bad_in_a_row']} in a row, {counters['skipped']} in total)")
             dt = time.perf_counter() - t0
+            val = validate(evaluate, teachers, held, env) if due(held, step) else {}  # after the update; not in dt
             n = s["n_tokens"]
             out.step(step, {
                 "loss": s["loss"], "ce": s["ce_sum"] / n, "kd": s["kd_sum"] / n,
@@ -422,9 +428,9 @@ def _run(cfg: Config, env: parallel.Env, shapes: dict) -> Path:
                 "aux": s["aux"] * ctx.aux_scale, "grad_norm": s["grad_norm"], "lr": lr,
                 "tokens": counters["tokens"], "step_tokens": seq_tokens, "tok_s": seq_tokens / dt,
                 "skipped": counters["skipped"], "peak_mem_gb": peak_memory_gb(env.device),
-                "mfu": step_flops / dt / peak_all if peak_all else None,
+                "mfu": step_flops / dt / peak_all if peak_all else None, **val,
                 **{f"teacher.{name}.{key}": v for name, t in s["teachers"].items() for key, v in t.items()},
-            }, force=step == cfg.schedule.steps)
+            }, force=step == cfg.schedule.steps or bool(val))
             committed(saver.poll())
             if counters["bad_in_a_row"] >= o.max_bad_steps:
                 committed(saver.finish())  # the save in flight holds a finite state: keep it

@@ -102,6 +102,35 @@ class StudentWithLoss(nn.Module):
         return loss, LossStats(loss.detach().float(), out.ce_sum.float(), out.kd_sum.float(),
                                attn_sum.detach().float(), aux.detach().float())
 
+    @torch.no_grad()
+    def evaluate(self, tokens_BT, positions_BT, doc_ids_BT, idx_N, labels_N, ids_NK, logprobs_NK,
+                 doc_spans=None) -> torch.Tensor:
+        """Validation sums of one batch at its N loss positions (`idx_N`, flat into B*T), no gradient: a device
+        tensor [CE sum, KL(teacher || student) sum, top-1 agreements, N]. The KL is the training loss's KD term
+        at τ = 1 (over the teacher's top-k, renormalised: kernels/kd_loss.py), computed by the same kernel call;
+        K = 0 (no teacher signal) gives CE only, with the KL and top-1 sums 0. Top-1: the student's argmax over V
+        equals the teacher's best id. Under FSDP2 call it through `train.parallel.forward_method`, which gathers
+        the root's weights (embeddings, LM head) as `forward` does."""
+        from train.teachers.signal import topk_logprobs  # the teachers' chunked top-k of an LM head
+        s, dt = self.student, self.compute_dtype
+        autocast = (torch.autocast(tokens_BT.device.type, dtype=dt) if dt is not None else contextlib.nullcontext())
+        with autocast:
+            hidden_BTD, _ = s.forward_with_aux(tokens_BT, positions_BT, doc_ids_BT, doc_spans=doc_spans)
+        hidden_ND = hidden_BTD.reshape(-1, hidden_BTD.shape[-1]).index_select(0, idx_N)
+        weight_VD = s.output.weight
+        if dt is not None:
+            hidden_ND, weight_VD = hidden_ND.to(dt), weight_VD.to(dt)
+        N, K = hidden_ND.shape[0], ids_NK.shape[-1]
+        with torch.autocast(hidden_ND.device.type, enabled=False):
+            out = kernels.linear_topk_kd_loss(hidden_ND, weight_VD, labels_N, ids_NK, logprobs_NK, tau=1.0,
+                                              kd_weight=1.0 if K else 0.0, check_ids=False)
+            top1 = torch.zeros((), device=hidden_ND.device)
+            if K and N:
+                student_N = topk_logprobs(hidden_ND, weight_VD, 1)[0][:, 0]
+                teacher_N = ids_NK.gather(1, logprobs_NK.argmax(-1, keepdim=True))[:, 0]
+                top1 = (student_N == teacher_N).sum().float()
+        return torch.stack([out.ce_sum.float(), out.kd_sum.float(), top1, torch.tensor(float(N), device=top1.device)])
+
 
 # ------------------------------------------------------------------------------------------------------------
 # The attention-transfer term (see the module docstring)

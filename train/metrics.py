@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+VAL_KEYS = ("val_ce", "val_kd", "val_top1", "val_tokens")  # train/validation.py's, at the steps it ran
 
 class Output:
     """Rank 0's log lines, progress bar, metrics.jsonl and loss curve; other ranks get a silent instance.
@@ -72,6 +73,7 @@ class Output:
         # Teacher counters (train.loop.train_step): per optimizer step, averaged over the logged window like the
         # losses: teacher.<name>.rows (all ranks), .forwards, .empty_forwards, .gathered_bytes (rank 0's).
         out.update({k: sum(r[k] for r in w) / len(w) for k in rec if k.startswith("teacher.")})
+        out.update({k: rec[k] for k in VAL_KEYS if k in rec})
         self._t0 = now
         self.history.append(out)
         with open(self.metrics_file, "a") as f:
@@ -79,12 +81,14 @@ class Output:
         if self.tb is not None:  # the same scalars as the metrics.jsonl record, under train/<name>
             for key, value in out.items():
                 if key != "step" and isinstance(value, (int, float)):
-                    self.tb.add_scalar(f"train/{key}", value, step)
+                    self.tb.add_scalar(f"val/{key[4:]}" if key in VAL_KEYS else f"train/{key}", value, step)
             self.tb.flush()
         mfu = f" mfu {100 * out['mfu']:.1f}%" if "mfu" in out else ""
+        val = "" if "val_ce" not in out else f" | val ce {out['val_ce']:.4f}" + (
+            f" kd {out['val_kd']:.4f} top1 {100 * out['val_top1']:.1f}%" if "val_kd" in out else "")
         self.info(f"step {step:6d} | loss {out['loss']:.4f} ce {out['ce']:.4f} kd {out['kd']:.4f} "
                   f"attn {out['attn']:.4f} | gnorm {out['grad_norm']:.3f} lr {out['lr']:.2e} | "
-                  f"{out['tok_s']:.0f} tok/s mem {out['peak_mem_gb']:.2f} GB{mfu}")
+                  f"{out['tok_s']:.0f} tok/s mem {out['peak_mem_gb']:.2f} GB{mfu}{val}")
 
     def _open_bar(self) -> None:
         args, self._bar_args = self._bar_args, None
@@ -135,6 +139,10 @@ def plot_losses(history: list[dict], path: Path, note=print) -> None:
         ys = [r[key] for r in history]
         if any(ys):
             ax.plot(steps, ys, label=key)
+    for key, name in (("val_ce", "held-out ce"), ("val_kd", "held-out kd")):  # at the validation steps only
+        points = [(r["step"], r[key]) for r in history if key in r]
+        if points:
+            ax.plot(*zip(*points), "o--", label=name)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (per loss token)")
     ax.legend()

@@ -321,6 +321,20 @@ def grad_sync(module: nn.Module, enabled: bool):
     yield
 
 
+def forward_method(module: nn.Module, name: str):
+    """The wrapped module's method `name` (a second forward, e.g. StudentWithLoss.evaluate), callable the way
+    `forward` is: FSDP2 hooks only `forward`, so the method is registered with it (its call then all-gathers the
+    root's parameters, the embeddings and LM head, as `forward` does); DDP's replicas are whole, so the inner
+    module's method serves (no gradient flows through it, so DDP's reducer need not see the call)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    if isinstance(module, DDP):
+        return getattr(module.module, name)
+    if hasattr(module, "unshard"):  # an FSDP2 module
+        from torch.distributed.fsdp import register_fsdp_forward_method
+        register_fsdp_forward_method(module, name)
+    return getattr(module, name)
+
+
 def unwrap(module: nn.Module) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel as DDP
     return module.module if isinstance(module, DDP) else module

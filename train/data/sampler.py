@@ -2,6 +2,7 @@
 of one global batch."""
 from __future__ import annotations
 
+import hashlib
 from typing import Iterator
 
 import numpy as np
@@ -46,12 +47,14 @@ class Sampler:
     teacher `domain_teacher`) with probability f, else from the general pool (all others); the coin flips
     come from (seed, step), each pool is its own reshuffled stream. The fraction is over packed sequences,
     i.e. over tokens, since sequences are nearly full.
+    members: the sequences it may draw (default every one); the others, e.g. a held-out validation split
+    (train/validation.py), are never drawn.
     State: a few ints (step, consumed positions per stream). Resuming with the same batch_size * world_size
     gives exactly the batches an uninterrupted run would.
     """
 
     def __init__(self, packed: PackedDataset, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 domain_fraction: float | None = None, domain_teacher: str = "domain"):
+                 domain_fraction: float | None = None, domain_teacher: str = "domain", members=None):
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}; fix: use at least 1")
         if not 0 <= rank < world_size:
@@ -63,9 +66,16 @@ class Sampler:
         self.packed, self.batch_size, self.rank, self.world_size = packed, batch_size, rank, world_size
         self.seed, self.domain_fraction = int(seed), domain_fraction
         self.global_batch = batch_size * world_size
+        self.members = (np.arange(len(packed), dtype=np.int64) if members is None
+                        else np.unique(np.asarray(members, dtype=np.int64)))
+        if len(self.members) == 0 or not 0 <= self.members[0] <= self.members[-1] < len(packed):
+            raise ValueError(f"Sampler: members must be a non-empty set of sequence indices in [0, {len(packed)}); "
+                             f"fix: hold out fewer sequences")
+        allowed_S = np.zeros(len(packed), dtype=bool)
+        allowed_S[self.members] = True
         teacher_S = np.asarray(packed.teacher)
         if domain_fraction is None:
-            self._streams = [_Stream(np.arange(len(packed), dtype=np.int64), self.seed, 0)]
+            self._streams = [_Stream(self.members, self.seed, 0)]
         else:
             if not 0.0 <= domain_fraction <= 1.0:
                 raise ValueError(f"domain_fraction={domain_fraction}; fix: use a value in [0, 1]")
@@ -73,7 +83,7 @@ class Sampler:
                 raise ValueError(f"domain_teacher {domain_teacher!r} is not among the packed teachers "
                                  f"{packed.teacher_names}; fix: name the domain teacher of the rows")
             is_domain_S = teacher_S == packed.teacher_names.index(domain_teacher)
-            general, domain = np.flatnonzero(~is_domain_S), np.flatnonzero(is_domain_S)
+            general, domain = np.flatnonzero(~is_domain_S & allowed_S), np.flatnonzero(is_domain_S & allowed_S)
             for name, pool, needed in (("general", general, domain_fraction < 1), ("domain", domain,
                                                                                   domain_fraction > 0)):
                 if needed and len(pool) == 0:
@@ -85,12 +95,12 @@ class Sampler:
 
     @property
     def steps_per_epoch(self) -> int:
-        return max(1, len(self.packed) // self.global_batch)
+        return max(1, len(self.members) // self.global_batch)
 
     @property
     def epoch(self) -> int:
         """Epochs completed over the whole dataset (by sequences consumed)."""
-        return sum(self._consumed) // len(self.packed)
+        return sum(self._consumed) // len(self.members)
 
     def _global_indices(self) -> tuple[np.ndarray, list]:
         """The next global batch and how many positions it takes from each stream (the state does not move)."""
@@ -114,14 +124,26 @@ class Sampler:
     def next_batch(self) -> PackedBatch:
         return self.packed.batch(self.next_indices())
 
+    def _members_digest(self) -> str | None:
+        """None when every sequence is drawn, else a hash of the members (a resume must draw from the same ones)."""
+        if len(self.members) == len(self.packed):
+            return None
+        return hashlib.blake2b(self.members.tobytes(), digest_size=8).hexdigest()
+
     def state_dict(self) -> dict:
+        digest = self._members_digest()
         return {"seed": self.seed, "step": self.step, "global_batch": self.global_batch,
-                **{f"consumed_{k}": c for k, c in enumerate(self._consumed)}}
+                **{f"consumed_{k}": c for k, c in enumerate(self._consumed)}, **({"members": digest} if digest else {})}
 
     def load_state_dict(self, state: dict) -> None:
         if int(state["seed"]) != self.seed:
             raise ValueError(f"sampler state has seed {state['seed']}, this sampler {self.seed}; fix: build the "
                              f"sampler with the checkpoint's seed")
+        if state.get("members") != self._members_digest():
+            raise ValueError(f"the checkpoint's sampler drew from {'a held-out split of ' if state.get('members') else ''}"
+                             f"the data, this one from {'another split of ' if self._members_digest() else 'all of '}"
+                             f"it; fix: resume with the checkpoint's eval.fraction and run.seed (else held-out rows "
+                             f"would be trained on, or training rows skipped)")
         consumed = [int(state[f"consumed_{k}"]) for k in range(len(self._streams)) if f"consumed_{k}" in state]
         if len(consumed) != len(self._streams):
             raise ValueError("sampler state was saved with a different domain_fraction setting (one stream vs "
