@@ -11,7 +11,9 @@ Stages (`STAGES`; each prints one verdict line on node 0, e.g. `stage 2 shard: P
     1 tiny       tiny random models, tokenizer and rows made here (tests/trainer_fixtures.py) on every node: the
                  launch, the rendezvous, the collectives and the shared filesystem, in seconds
     2 replicate  the config's models for --steps steps, online teacher replicated on every rank
-    2 shard      the same, teacher FSDP-sharded over the node's ranks (teachers.<name>.shard = true)
+    2 shard      the same, teacher FSDP-sharded over the node's ranks (teachers.<name>.placement = "shard")
+    2 expert     the same, an MoE teacher's experts spread over the node's ranks, tokens moved by all-to-all
+                 (placement = "expert"; skipped for a dense teacher or experts that do not split over a node)
     2 hsdp       student under FSDP2 as replicate x shard with one shard group per node (needs >= 2 nodes)
     2 kill       the last node is SIGKILLed (its torchrun and every worker) once the first checkpoint is complete;
                  all nodes relaunch with --resume auto and finish the run
@@ -61,19 +63,35 @@ class Stage:
     number: int
     name: str
     overrides: dict = field(default_factory=dict)  # values may hold {teacher} and {nproc}
-    needs: str = ""                                # "online" (an online teacher), "nodes" (>= 2 nodes)
+    needs: str = ""                                # "online" (an online teacher), "moe" (an online MoE teacher
+                                                   # whose experts split over a node), "nodes" (>= 2 nodes)
     kind: str = "run"                              # run | kill | async
     tiny: bool = False
 
 
 STAGES = [
     Stage(1, "tiny", tiny=True),
-    Stage(2, "replicate", {"teachers.{teacher}.shard": "false"}, needs="online"),
-    Stage(2, "shard", {"teachers.{teacher}.shard": "true"}, needs="online"),
+    Stage(2, "replicate", {"teachers.{teacher}.shard": "false", "teachers.{teacher}.placement": "replicate"},
+          needs="online"),
+    Stage(2, "shard", {"teachers.{teacher}.shard": "false", "teachers.{teacher}.placement": "shard"}, needs="online"),
+    Stage(2, "expert", {"teachers.{teacher}.shard": "false", "teachers.{teacher}.placement": "expert"}, needs="moe"),
     Stage(2, "hsdp", {"parallel.strategy": "fsdp", "parallel.shard_group": "{nproc}"}, needs="nodes"),
     Stage(2, "kill", {"checkpoint.async_save": "false"}, kind="kill", needs="nodes"),
     Stage(2, "async", {"checkpoint.async_save": "true"}, kind="async"),
 ]
+
+
+def _no_expert_placement(cfg, online: list, nproc: int) -> str:
+    """Why the expert stage cannot run ('' when it can): the first online teacher must be an MoE whose experts
+    split whole over the ranks of a node."""
+    from train.preflight import read_model_args
+    name = online[0]
+    a = read_model_args(cfg.teachers.named[name].path, f"teachers.{name}.path")
+    if a.moe is None:
+        return f"teacher {name!r} is dense (expert placement needs an MoE teacher)"
+    if a.moe.num_experts % nproc:
+        return f"teacher {name!r} has {a.moe.num_experts} experts, which do not split over {nproc} ranks per node"
+    return ""
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -279,7 +297,8 @@ class Node:
             if failed:
                 self.say(f"{label}: NOT RUN (an earlier stage failed)")
                 continue
-            why = ("no online teacher (a store is not placed)" if st.needs == "online" and not online else
+            why = ("no online teacher (a store is not placed)" if st.needs in ("online", "moe") and not online else
+                   _no_expert_placement(cfg, online, self.world.nproc) if st.needs == "moe" else
                    "needs >= 2 nodes" if st.needs == "nodes" and self.world.nnodes < 2 else "")
             if why:
                 self.say(f"{label}: SKIP {why}")

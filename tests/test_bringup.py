@@ -73,15 +73,18 @@ def test_compare_names_missing_steps():
 
 @pytest.mark.slow
 def test_simulated_two_nodes_pass_and_a_wrong_seed_is_caught(tmp_path):
-    """Stage 1 (tiny) and every stage 2 (replicate, shard, hsdp, kill + resume auto, async save + reload) pass at
-    the CPU tolerance; then node 1 alone with run.seed=1 draws other batches and stage 1 fails (exit 1), the rest
-    not run. About 5 minutes on 2 cores."""
+    """Stage 1 (tiny) and every stage 2 (replicate, shard, expert, hsdp, kill + resume auto, async save + reload)
+    pass at the CPU tolerance, with an MoE teacher of 4 experts (2 per rank under expert placement); then node 1
+    alone with run.seed=1 draws other batches and stage 1 fails (exit 1), the rest not run. About 6 minutes on 2
+    cores."""
     w = fx.make_world(tmp_path / "world")
+    w["teacher"] = str(fx.make_model(tmp_path / "world" / "moe-teacher", w["vocab"], Path(w["tok"]), seed=3,
+                                     moe=True, dim=48, hidden=64))
     config = kd_toml(tmp_path / "kd.toml", w)
     good = simulate(config, tmp_path / "good", 29611)
     v = verdicts(good.stdout)
     assert v == {"stage 1 tiny": "PASS", "stage 2 replicate": "PASS", "stage 2 shard": "PASS",
-                 "stage 2 hsdp": "PASS", "stage 2 kill": "PASS", "stage 2 async": "PASS"}, good.stdout
+                 "stage 2 expert": "PASS", "stage 2 hsdp": "PASS", "stage 2 kill": "PASS", "stage 2 async": "PASS"}, good.stdout
     assert good.returncode == 0
     (resume_log,) = (tmp_path / "good" / "logs").glob("*-kill-node0-resume.log")
     assert "resuming from" in resume_log.read_text()  # the relaunch continued from the killed run's checkpoint
