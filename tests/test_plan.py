@@ -145,13 +145,19 @@ def test_plan_peak_within_15_percent_of_a_real_step():
     assert abs(planned / measured - 1) < 0.15
 
 
-def test_plan_cli_says_fits_or_names_the_fix(tmp_path, capsys):
-    from train.main import main
+def _tiny_model_dirs(tmp_path):
+    """tmp_path/student and tmp_path/teacher: config.json only, the published Mistral-7B / Mixtral-8x7B configs at a
+    tiny size (plan reads nothing else)."""
     tiny = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
             "num_key_value_heads": 2, "vocab_size": 256}
     for name, c in (("student", {**MISTRAL_7B, **tiny}), ("teacher", {**MIXTRAL_8X7B, **tiny})):
-        (tmp_path / name).mkdir()
+        (tmp_path / name).mkdir(exist_ok=True)
         (tmp_path / name / "config.json").write_text(json.dumps(c))
+
+
+def test_plan_cli_says_fits_or_names_the_fix(tmp_path, capsys):
+    from train.main import main
+    _tiny_model_dirs(tmp_path)
     args = ["plan", f"--model.path={tmp_path / 'student'}", f"--teachers.teacher.path={tmp_path / 'teacher'}",
             "--data.seq_len=64", "--plan.gpus_per_node=8", "--plan.headroom_gb=0"]
     assert main(args + ["--plan.gpu_memory_gb=80"]) == 0
@@ -165,11 +171,7 @@ def test_plan_cli_says_fits_or_names_the_fix(tmp_path, capsys):
 
 
 def _tiny_run(tmp_path, sub="kd", extra=()):
-    tiny = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "num_key_value_heads": 2, "vocab_size": 256}
-    for name, c in (("student", {**MISTRAL_7B, **tiny}), ("teacher", {**MIXTRAL_8X7B, **tiny})):
-        (tmp_path / name).mkdir(exist_ok=True)
-        (tmp_path / name / "config.json").write_text(json.dumps(c))
+    _tiny_model_dirs(tmp_path)
     base = [f"--teachers.teacher.path={tmp_path / 'teacher'}", "--data.seq_len=64", "--data.paths=x.jsonl"]
     if sub != "capture":
         base.append(f"--model.path={tmp_path / 'student'}")
@@ -252,11 +254,7 @@ def test_plan_chooses_the_teacher_token_budget(tmp_path, capsys):
         check_world(mixtral, [TeacherPlan("teacher", mixtral, True, "expert")], 6, 6, 3)
 
     from train.main import main
-    tiny = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "num_key_value_heads": 2, "vocab_size": 256}
-    for name, c in (("student", {**MISTRAL_7B, **tiny}), ("teacher", {**MIXTRAL_8X7B, **tiny})):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "config.json").write_text(json.dumps(c))
+    _tiny_model_dirs(tmp_path)
     args = ["plan", f"--model.path={tmp_path / 'student'}", f"--teachers.teacher.path={tmp_path / 'teacher'}",
             "--data.seq_len=64", "--data.grad_accum=4", "--plan.gpus_per_node=8", "--plan.nodes=2",
             "--plan.gpu_memory_gb=80"]
@@ -295,11 +293,7 @@ def test_plan_reports_each_placement(tmp_path):
     """The plan's teacher lines: weights per GPU under replicate | shard | expert with this run's marked, the
     all-to-all bytes of an expert-placed teacher, and expert placement offered as a fix."""
     from train.plan import make_plan
-    tiny = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "num_key_value_heads": 2, "vocab_size": 256}
-    for name, c in (("student", {**MISTRAL_7B, **tiny}), ("teacher", {**MIXTRAL_8X7B, **tiny})):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "config.json").write_text(json.dumps(c))
+    _tiny_model_dirs(tmp_path)
     base = [f"model.path={tmp_path / 'student'}", f"teachers.teacher.path={tmp_path / 'teacher'}", "data.seq_len=64",
             "plan.gpus_per_node=8", "plan.headroom_gb=0"]
     text = "\n".join(make_plan(make_config("plan", None, base + ["plan.gpu_memory_gb=80",
