@@ -321,11 +321,11 @@ def _run(cfg: Config, env: parallel.Env, shapes: dict) -> Path:
         mesh = parallel.build_mesh(env.world_size, shard, env.device.type)
         out.info(f"mesh: {dict(zip(mesh.mesh_dim_names, mesh.shape))}, compute dtype {compute or torch.float32}")
     teacher_mesh = None  # sharded / expert-placed teachers: the node's ranks only (their gathers stay on the node)
-    placed = {n: t.placement for n, t in cfg.teachers.named.items() if t.placement != "replicate" and t.path}
-    if env.distributed and placed and cfg.subcommand != "sft":
+    placements = {n: t.placement for n, t in cfg.teachers.named.items() if t.path} if cfg.subcommand != "sft" else {}
+    placed = {n: p for n, p in placements.items() if p != "replicate"}
+    if env.distributed and placed:
         teacher_mesh = parallel.node_mesh(env, mesh)
         out.info(f"teachers {placed} over the node's {teacher_mesh.size()} ranks")
-    placements = {n: t.placement for n, t in cfg.teachers.named.items() if t.path} if cfg.subcommand != "sft" else {}
     out.info(fast_paths(env.device, compute, shapes["student"], placements, cfg.checkpoint.async_save,
                         env.distributed))
     if env.device.type == "cuda":  # before any weights load: a run that cannot fit stops in seconds, not at OOM

@@ -544,20 +544,22 @@ def run_plan(cfg) -> Plan:
 
 
 def capture_peak(cfg, world: int, node: int) -> tuple[int, list[str]]:
-    """Per-rank peak bytes of `capture` (one teacher, forward only, capture.batch_size sequences per forward):
+    """Per-rank peak bytes of `capture` (one teacher, forward only, capture's sequences per forward):
     the teacher's weights (its share of the node's GPUs when placed over them) plus one forward's transient
     bytes; and its report lines."""
     from train.config import torch_dtype
     from train.preflight import read_model_args
+    from train.teachers.capture import forward_batch_size
     (name, spec), = cfg.teachers.named.items()
+    B = forward_batch_size(cfg)
     t = TeacherPlan(name, read_model_args(spec.path, f"teachers.{name}.path"),
                     spec.placement != "replicate" and node > 1, spec.placement)
     check_world(dataclasses.replace(t.args, moe=None), [t], world, node, node)  # no student in a capture
     weights = _teacher_shares([t], world, node, torch_dtype(cfg.teachers.dtype) or torch.bfloat16)
-    fwd = _teacher_forward_bytes(t, cfg.capture.batch_size, cfg.data.seq_len, node)
+    fwd = _teacher_forward_bytes(t, B, cfg.data.seq_len, node)
     lines = [f"capture plan (simulation; rank 0 of {world} GPUs): teacher {name!r} {_describe(t.args)}, "
              f"placement {t.placement}: weights {weights / GB:.1f} GB + one forward of "
-             f"{cfg.capture.batch_size} x {cfg.data.seq_len} tokens {fwd / GB:.1f} GB"]
+             f"{B} x {cfg.data.seq_len} tokens {fwd / GB:.1f} GB"]
     return weights + fwd, lines
 
 
@@ -573,7 +575,8 @@ def _fit_child(subcommand: str, toml_path: str, nodes: int, gpus_per_node: int, 
         if subcommand == "capture":
             peak, lines = capture_peak(cfg, nodes * gpus_per_node, gpus_per_node)
             result = {"peak_gb": peak / GB, "lines": lines, "fix": "fix: place the teacher over the node "
-                      "(--teachers.<name>.placement=shard, or expert for an MoE) or lower --capture.batch_size"}
+                      "(--teachers.<name>.placement=shard, or expert for an MoE) or fewer sequences per forward "
+                      "(--capture.batch_size, or --teachers.<name>.max_tokens when set)"}
         else:
             plan = make_plan(cfg)
             verdict = plan.lines[-1].split("; ", 1)

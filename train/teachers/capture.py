@@ -231,6 +231,13 @@ def _report(rank, tokens, loss_tokens, seconds, manifest, out_dir) -> dict:
     return report
 
 
+def forward_batch_size(cfg) -> int:
+    """Sequences per teacher forward of `capture`: the teacher's max_tokens // data.seq_len when set (the training
+    run's budget), else capture.batch_size. The start-up fit check plans this same figure (train.plan.capture_peak)."""
+    (spec,) = cfg.teachers.named.values()
+    return max(1, spec.max_tokens // cfg.data.seq_len) if spec.max_tokens else cfg.capture.batch_size
+
+
 def capture(cfg) -> None:
     """The `capture` subcommand: one teacher over the packed data, once; each rank writes its share."""
     from train.data.prepare import build_packed
@@ -258,7 +265,7 @@ def capture(cfg) -> None:
                                   env, log=log)
         # The training run's placement and token budget: a teacher that fits training fits capture.
         mesh = parallel.node_mesh(env) if env.distributed and spec.placement != "replicate" else None
-        batch_size = max(1, spec.max_tokens // d.seq_len) if spec.max_tokens else c.batch_size
+        batch_size = forward_batch_size(cfg)
         log(f"capture: teacher {name!r} placement {spec.placement}"
             + (f" over the node's {mesh.size()} ranks" if mesh is not None else "")
             + f", {batch_size} sequences per forward"
